@@ -1,0 +1,1 @@
+"""Numerics: quantizers (pure torch references) and the Triton kernels that must match them."""

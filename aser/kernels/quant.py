@@ -1,0 +1,125 @@
+"""Reference quantizers: the numerics every other part of the project must match.
+
+Convention (compressed-tensors 0.19+, so that a checkpoint loaded by transformers reproduces
+our simulation exactly): symmetric INT-b, ``scale = absmax / ((qmax - qmin) / 2)`` (absmax/7.5
+for INT4, absmax/127.5 for INT8), ``q = round(clamp(x / scale, qmin, qmax))`` with
+round-half-to-even, a zero scale replaced by the dtype's eps. All functions are pure torch and
+work in the input's float dtype (float64 included); codes are int8.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import (
+    pack_to_int32,
+    unpack_from_int32,
+)
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of symmetric signed INT-b: (-2^(b-1), 2^(b-1) - 1)."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale for values with the given absolute maximum; never zero (eps of the dtype)."""
+    qmin, qmax = int_range(bits)
+    scale = absmax / ((qmax - qmin) / 2)
+    eps = torch.finfo(scale.dtype).eps
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def _round_codes(x_scaled: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = int_range(bits)
+    return torch.round(torch.clamp(x_scaled, qmin, qmax))
+
+
+def _check_groups(K: int, group_size: int | None) -> int:
+    if group_size is None:
+        return K
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"group_size {group_size} must divide the input size {K}")
+    return group_size
+
+
+def weight_scale(W: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Per-output-channel (group_size None) or per-group scales.
+
+    W: (N=out, K=in) float. Returns (N, 1) or (N, K // group_size), dtype of W.
+    """
+    N, K = W.shape
+    g = _check_groups(K, group_size)
+    absmax = W.reshape(N, K // g, g).abs().amax(dim=-1)
+    return symmetric_scale(absmax, bits)
+
+
+def quantize_weight(
+    W: torch.Tensor, bits: int, group_size: int | None = None, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT-b weight codes and scales.
+
+    W: (N, K) float. Returns q: (N, K) int8 in [qmin, qmax], scale: (N, K // g) of W's dtype.
+    A given ``scale`` (e.g. from GPTQ, which fixes scales before it updates W) is used as is.
+    """
+    N, K = W.shape
+    g = _check_groups(K, group_size)
+    if scale is None:
+        scale = weight_scale(W, bits, group_size)
+    Wg = W.reshape(N, K // g, g)
+    q = _round_codes(Wg / scale.unsqueeze(-1), bits)
+    return q.reshape(N, K).to(torch.int8), scale
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """q: (N, K) int8, scale: (N, K // g). Returns (N, K) in scale's dtype."""
+    N, K = q.shape
+    g = _check_groups(K, group_size)
+    return (q.reshape(N, K // g, g).to(scale.dtype) * scale.unsqueeze(-1)).reshape(N, K)
+
+
+def fake_quantize_weight(
+    W: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """dequantize(quantize(W)): (N, K) in W's dtype."""
+    q, scale = quantize_weight(W, bits, group_size)
+    return dequantize_weight(q, scale, group_size)
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization over the last dimension.
+
+    x: (..., K) float. Returns q: (..., K) int8 and scale: (..., 1) in x's dtype.
+    """
+    scale = symmetric_scale(x.abs().amax(dim=-1, keepdim=True), bits)
+    return _round_codes(x / scale, bits).to(torch.int8), scale
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize(quantize(x)) per token, in x's dtype."""
+    q, scale = quantize_activation(x, bits)
+    return q.to(x.dtype) * scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack INT4 codes (N, K) int8 into (N, ceil(K / 8)) int32, compressed-tensors layout.
+
+    Element k of a row sits in word k // 8 at bits 4 * (k % 8), stored as q + 8 (unsigned).
+    Delegates to compressed-tensors so the layout is the one vLLM and transformers read.
+    """
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 takes int8 codes, got {q.dtype}")
+    qmin, qmax = int_range(4)
+    if q.numel() and (int(q.min()) < qmin or int(q.max()) > qmax):
+        raise ValueError("pack_int4: codes outside the INT4 range [-8, 7]")
+    return pack_to_int32(q, num_bits=4, packed_dim=1)
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of pack_int4: (N, ceil(K / 8)) int32 -> (N, K) int8."""
+    return unpack_from_int32(packed, num_bits=4, shape=torch.Size(shape), packed_dim=1)
