@@ -1,0 +1,238 @@
+"""The run configuration: one frozen, validated, versioned dataclass tree.
+
+Defaults live here and only here (the dataclass field defaults); the CLI and YAML recipes build
+a ``RunConfig`` and nothing else reads argv or the environment. Every value is checked when the
+object is built, so a bad value fails before any work, with a message naming the field
+(``ConfigError("calib.num_samples must be >= 1, got 0")``).
+
+``MethodConfig`` (the quantization method's knobs) belongs to the numerics and is defined once,
+in ``aser.workers.reconstruct``; it is imported lazily so that this module stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+if TYPE_CHECKING:
+    from aser.workers.reconstruct import MethodConfig
+
+# Bump when a field is added, removed or changes meaning: a manifest written by another
+# version is then refused instead of silently reinterpreted.
+CONFIG_VERSION = 1
+
+Propagate = Literal["fp", "quantized"]
+PROPAGATE_MODES: tuple[str, ...] = ("fp", "quantized")
+OutputFormat = Literal["w4a8", "w4a16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _method_config_type() -> type:
+    from aser.workers.reconstruct import MethodConfig
+
+    return MethodConfig
+
+
+def _default_method() -> MethodConfig:
+    return _method_config_type()()
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `num_workers: true` in a recipe is a mistake, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: object, minimum: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_url(name: str, value: object, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty URL or path, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data. ``source``: URL of a UTF-8 text file, or None for the built-in set."""
+
+    source: str | None = None
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_url("calib.source", self.source, required=False)
+        _check_int("calib.num_samples", self.num_samples, 1)
+        _check_int("calib.seq_len", self.seq_len, 1)
+        _check_int("calib.seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Calibration workers (one Ray actor each) and the resources each one asks for."""
+
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("workers.num_workers", self.num_workers, 1)
+        _check_number("workers.num_cpus_per_worker", self.num_cpus_per_worker, 0.0)
+        _check_number("workers.num_gpus_per_worker", self.num_gpus_per_worker, 0.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One quantization run: SOURCE checkpoint URL -> DEST URL, with method and resources."""
+
+    source: str
+    dest: str
+    method: MethodConfig = field(default_factory=_default_method)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    propagate: Propagate = "fp"
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    ray_address: str | None = None
+    # Upper bound for one output shard; a layer larger than this is split across shards.
+    shard_size_bytes: int = 5 * 1024**3
+
+    def __post_init__(self) -> None:
+        _check_url("source", self.source, required=True)
+        _check_url("dest", self.dest, required=True)
+        if self.source.rstrip("/") == self.dest.rstrip("/"):
+            raise ConfigError(f"dest must differ from source, both are {self.source!r}")
+        if not isinstance(self.calib, CalibConfig):
+            raise ConfigError(f"calib must be a CalibConfig, got {type(self.calib).__name__}")
+        if not isinstance(self.workers, WorkersConfig):
+            raise ConfigError(
+                f"workers must be a WorkersConfig, got {type(self.workers).__name__}"
+            )
+        if self.propagate not in PROPAGATE_MODES:
+            raise ConfigError(f"propagate must be one of {PROPAGATE_MODES}, got {self.propagate!r}")
+        _check_url("ray_address", self.ray_address, required=False)
+        _check_int("shard_size_bytes", self.shard_size_bytes, 1)
+        method_type = _method_config_type()
+        if not isinstance(self.method, method_type):
+            raise ConfigError(f"method must be a MethodConfig, got {type(self.method).__name__}")
+        try:
+            self.method.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("method") else f"method: {e}") from e
+        self.output_format  # noqa: B018 - validates w_bits / a_bits against the export formats
+
+    @property
+    def output_format(self) -> OutputFormat:
+        """The checkpoint format, derived from the method's bit widths."""
+        w_bits, a_bits = self.method.w_bits, self.method.a_bits
+        if w_bits != 4:
+            raise ConfigError(f"method.w_bits must be 4 for export (w4a8 / w4a16), got {w_bits}")
+        if a_bits == 8:
+            return "w4a8"
+        if a_bits is None or a_bits == 16:
+            return "w4a16"
+        raise ConfigError(f"method.a_bits must be 8 or 16 for export (w4a8 / w4a16), got {a_bits}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the config version; the inverse of ``from_dict``."""
+        d = dataclasses.asdict(self)
+        d["method"] = self.method.to_dict()
+        return {"version": CONFIG_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Build from a (possibly partial) dict; absent fields take the defaults above.
+
+        A ``version`` other than CONFIG_VERSION is refused; a dict without one (a recipe) is read
+        as the current version.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version!r} is not supported by this aser "
+                f"(expects {CONFIG_VERSION}); rerun with the aser version that wrote it"
+            )
+        kwargs = _fields_from(cls, data, "")
+        for name in ("calib", "workers", "method"):
+            if name in kwargs and not isinstance(kwargs[name], Mapping):
+                raise ConfigError(f"{name} must be a mapping, got {kwargs[name]!r}")
+        if "calib" in kwargs:
+            kwargs["calib"] = _build(CalibConfig, kwargs["calib"], "calib")
+        if "workers" in kwargs:
+            kwargs["workers"] = _build(WorkersConfig, kwargs["workers"], "workers")
+        if "method" in kwargs:
+            try:
+                kwargs["method"] = _method_config_type().from_dict(kwargs["method"])
+            except TypeError as e:
+                raise ConfigError(f"method: {e}") from e
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(str(e) if str(e).startswith("method") else f"method: {e}") from e
+        for required in ("source", "dest"):
+            if required not in kwargs:
+                raise ConfigError(f"{required} is required")
+        return cls(**kwargs)
+
+
+def _fields_from(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field {prefix}{unknown[0]!s} (known: {', '.join(sorted(names))})"
+        )
+    return dict(data)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    return cls(**_fields_from(cls, data, prefix + "."))
+
+
+def from_yaml(path: str, source: str | None = None, dest: str | None = None) -> RunConfig:
+    """Read a YAML recipe (a URL or path) into a RunConfig.
+
+    The recipe holds any subset of ``RunConfig.to_dict()``'s fields; ``source`` / ``dest``
+    given here (from the command line) override the recipe's.
+    """
+    import yaml
+
+    from aser.pipeline import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(path).decode("utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {storage.redact(path)} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"recipe {storage.redact(path)} must be a mapping at the top level")
+    data = dict(data)
+    if source is not None:
+        data["source"] = source
+    if dest is not None:
+        data["dest"] = dest
+    return RunConfig.from_dict(data)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return config.to_dict()
+
+
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    return RunConfig.from_dict(data)

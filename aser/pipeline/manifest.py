@@ -1,0 +1,284 @@
+"""``aser_manifest.json``: provenance of a run and the state that makes resume exact.
+
+The manifest records what produced the destination (source fingerprint, RunConfig, calibration
+hash, library versions) and, per layer, what was written (file names, sizes, sha256) and
+measured. A rerun loads it, refuses to continue if the source, the config or the calibration
+data changed (naming what changed), and skips the layers already finished.
+
+Calibration state at a layer boundary (each worker's hidden-state shard) is kept under
+``DEST/.aser_state/`` so that an interrupted run resumes from the last finished layer instead of
+recomputing the forward passes from the embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import aser
+from aser.pipeline import storage
+from aser.pipeline.config import RunConfig
+from aser.pipeline.safetensors_io import INDEX_NAME
+
+MANIFEST_NAME = "aser_manifest.json"
+MANIFEST_VERSION = 1
+STATE_DIR = ".aser_state"
+# Fields that may change between an interrupted run and its resume without changing the bytes
+# written: where the Ray cluster is. (Worker count does change them: calibration is sharded.)
+RESUME_IGNORED_FIELDS: frozenset[str] = frozenset({"ray_address"})
+
+LAYER_DONE = "done"
+
+
+class ManifestError(ValueError):
+    """The destination's manifest is unreadable or belongs to a different run."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    size_bytes: int
+
+
+@dataclass
+class LayerRecord:
+    """One stage of the run (a decoder layer; the driver may use negative or extra indices for
+    the embedding and head stages)."""
+
+    index: int
+    status: str
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    # Per linear: {"rel_error_before": float, "rel_error_after": float, "rank": int, ...}
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: load, forward, svd, write
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerRecord:
+        return cls(
+            index=int(d["index"]),
+            status=str(d["status"]),
+            files={k: FileRecord(**v) for k, v in d.get("files", {}).items()},
+            metrics=dict(d.get("metrics", {})),
+            seconds=dict(d.get("seconds", {})),
+            bytes_read=int(d.get("bytes_read", 0)),
+            bytes_written=int(d.get("bytes_written", 0)),
+        )
+
+
+@dataclass
+class Manifest:
+    source_url: str
+    source_fingerprint: dict[str, Any]
+    config: dict[str, Any]
+    calibration_sha256: str | None
+    versions: dict[str, str]
+    layers: dict[int, LayerRecord] = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["layers"] = {str(k): asdict(v) for k, v in sorted(self.layers.items())}
+        d["source_url"] = storage.redact(self.source_url)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            if d.get("manifest_version") != MANIFEST_VERSION:
+                raise ManifestError(
+                    f"manifest version {d.get('manifest_version')!r} is not {MANIFEST_VERSION}"
+                )
+            layers = {int(k): LayerRecord.from_dict(v) for k, v in d["layers"].items()}
+            return cls(
+                source_url=d["source_url"],
+                source_fingerprint=d["source_fingerprint"],
+                config=d["config"],
+                calibration_sha256=d["calibration_sha256"],
+                versions=d["versions"],
+                layers=layers,
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ManifestError):
+                raise
+            raise ManifestError(f"{MANIFEST_NAME} is corrupt: {e}") from e
+
+    def record_layer(self, record: LayerRecord) -> None:
+        self.layers[record.index] = record
+
+
+def library_versions() -> dict[str, str]:
+    import compressed_tensors
+    import transformers
+
+    return {
+        "aser": aser.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed-tensors": compressed_tensors.__version__,
+    }
+
+
+def calibration_sha256(token_ids: torch.Tensor) -> str:
+    """Hash of the calibration token ids (shape and values): (num_samples, seq_len) integer."""
+    t = token_ids.detach().to("cpu", torch.int64).contiguous()
+    h = hashlib.sha256(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def new_manifest(
+    config: RunConfig, source_fingerprint: Mapping[str, Any], calibration_sha: str | None
+) -> Manifest:
+    return Manifest(
+        source_url=config.source,
+        source_fingerprint=dict(source_fingerprint),
+        config=config.to_dict(),
+        calibration_sha256=calibration_sha,
+        versions=library_versions(),
+    )
+
+
+def manifest_url(dest: str) -> str:
+    return storage.join(dest, MANIFEST_NAME)
+
+
+def load_manifest(dest: str) -> Manifest | None:
+    """The destination's manifest, or None when the destination has none (a fresh run)."""
+    url = manifest_url(dest)
+    if not storage.exists(url):
+        return None
+    return Manifest.from_json(storage.read_text(url))
+
+
+def save_manifest(dest: str, manifest: Manifest) -> None:
+    storage.write_text_atomic(manifest_url(dest), manifest.to_json())
+
+
+def is_finished(dest: str) -> bool:
+    """A finished destination has its index, which finalize writes last."""
+    return storage.exists(storage.join(dest, INDEX_NAME))
+
+
+def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(path)
+            else:
+                out.extend(_diff_paths(old[k], new[k], path))
+        return out
+    return [] if old == new else [prefix]
+
+
+def check_compatible(
+    manifest: Manifest,
+    config: RunConfig,
+    source_fingerprint: Mapping[str, Any],
+    calibration_sha: str | None,
+) -> None:
+    """Raise ManifestError naming what differs between the existing run and this one."""
+    changed_source = _diff_paths(manifest.source_fingerprint, dict(source_fingerprint))
+    if changed_source:
+        raise ManifestError(
+            f"the source changed since this destination was started ({', '.join(changed_source)} "
+            "differ); use a new destination or restore the source"
+        )
+    new_config = json.loads(json.dumps(config.to_dict()))
+    changed = [
+        p
+        for p in _diff_paths(manifest.config, new_config)
+        if p.split(".", 1)[0] not in RESUME_IGNORED_FIELDS
+    ]
+    if changed:
+        details = ", ".join(
+            f"{p}: {_lookup(manifest.config, p)!r} -> {_lookup(new_config, p)!r}" for p in changed
+        )
+        raise ManifestError(
+            f"the config differs from the one this destination was started with ({details}); "
+            "rerun with the original config or use a new destination"
+        )
+    if manifest.calibration_sha256 != calibration_sha:
+        raise ManifestError(
+            "the calibration data differs from the one this destination was started with "
+            f"(sha256 {manifest.calibration_sha256} -> {calibration_sha}); rerun with the same "
+            "calib.source / num_samples / seq_len / seed or use a new destination"
+        )
+
+
+def _lookup(d: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return "<absent>"
+        d = d[part]
+    return d
+
+
+def finished_layers(manifest: Manifest, dest: str) -> set[int]:
+    """Layers recorded done whose files are all present with the recorded size.
+
+    A layer whose file vanished or changed size is not finished: it is redone, and because
+    names and bytes are deterministic the redo writes the same file.
+    """
+    done: set[int] = set()
+    for idx, rec in manifest.layers.items():
+        if rec.status != LAYER_DONE:
+            continue
+        ok = True
+        for name, f in rec.files.items():
+            url = storage.join(dest, name)
+            if not storage.exists(url) or storage.size_bytes(url) != f.size_bytes:
+                ok = False
+                break
+        if ok:
+            done.add(idx)
+    return done
+
+
+def _state_url(dest: str, worker_rank: int) -> str:
+    return storage.join(dest, STATE_DIR, f"worker-{worker_rank:05d}.pt")
+
+
+def save_worker_state(
+    dest: str, worker_rank: int, next_layer: int, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Persist one worker's calibration state at a layer boundary (atomically).
+
+    ``next_layer``: the layer these hidden states are the input of. ``tensors`` e.g.
+    {"hidden": (B, T, H)}, moved to CPU.
+    """
+    buf = io.BytesIO()
+    torch.save(
+        {"next_layer": int(next_layer), "tensors": {k: v.detach().cpu() for k, v in tensors.items()}},
+        buf,
+    )
+    storage.write_bytes_atomic(_state_url(dest, worker_rank), buf.getvalue())
+
+
+def load_worker_state(dest: str, worker_rank: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(next_layer, tensors) saved by ``save_worker_state``, or None if there is none."""
+    url = _state_url(dest, worker_rank)
+    if not storage.exists(url):
+        return None
+    try:
+        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+        return int(obj["next_layer"]), dict(obj["tensors"])
+    except (RuntimeError, KeyError, EOFError) as e:
+        raise ManifestError(
+            f"calibration state {storage.redact(url)} is corrupt ({e}); delete "
+            f"{STATE_DIR}/ to recompute it"
+        ) from e
+
+
+def clear_state(dest: str) -> None:
+    storage.remove(storage.join(dest, STATE_DIR), recursive=True)

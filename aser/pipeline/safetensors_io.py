@@ -1,0 +1,244 @@
+"""Safetensors by byte range: read a source's headers, read single tensors, write shards.
+
+A source checkpoint is ``model.safetensors.index.json`` + shards, or one ``model.safetensors``.
+Only headers are read up front (the driver holds metadata only); a worker then reads exactly
+the byte ranges of the tensors its layer needs, so no shard is ever loaded whole.
+
+File format (safetensors spec): 8-byte little-endian header length n, n bytes of JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
+data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save as _st_save
+
+from aser.pipeline import storage
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# The spec caps the header at 100 MB; anything larger is corruption, not a big model.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Adjacent tensors of one layer are fetched in one request when the gap between them is small.
+COALESCE_GAP_BYTES = 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+
+
+class SafetensorsError(ValueError):
+    """A source checkpoint is missing, truncated or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: absolute byte range [start, end) of its data in ``file``."""
+
+    name: str
+    file: str  # shard file name, relative to the source URL
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    file: str
+    size_bytes: int
+    header_sha256: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """Metadata of a source checkpoint: every tensor's location, and a cheap fingerprint."""
+
+    url: str
+    index_sha256: str | None  # None for a single-file checkpoint
+    shards: dict[str, ShardHeader]
+    tensors: dict[str, TensorInfo]
+
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.tensors if n.startswith(prefix))
+
+    def fingerprint(self) -> dict[str, object]:
+        """Hashes of the index and every header plus sizes: changes if any tensor moves or is
+        resized or retyped, without reading the tensor data."""
+        return {
+            "index_sha256": self.index_sha256,
+            "shards": {
+                name: {"size_bytes": s.size_bytes, "header_sha256": s.header_sha256}
+                for name, s in sorted(self.shards.items())
+            },
+        }
+
+
+def read_header(url: str, file: str) -> ShardHeader:
+    """Parse the header of one safetensors file at ``url`` (named ``file`` in the index)."""
+    shown = storage.redact(url)
+    if not storage.exists(url):
+        raise SafetensorsError(f"shard {shown} is missing")
+    size = storage.size_bytes(url)
+    if size < 8:
+        raise SafetensorsError(f"{shown} is truncated: {size} bytes, no header length")
+    (n,) = struct.unpack("<Q", storage.read_bytes(url, 0, 8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise SafetensorsError(
+            f"{shown} has a corrupt or truncated header: header length {n}, file size {size}"
+        )
+    raw = storage.read_bytes(url, 8, 8 + n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{shown} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{shown} has a corrupt header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(f"{shown}: corrupt header entry for tensor {name}") from e
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{shown}: tensor {name} has unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if end - begin != nbytes or begin < 0 or data_start + end > size:
+            raise SafetensorsError(
+                f"{shown}: tensor {name} ({dtype} {shape}) has data offsets [{begin}, {end}) "
+                f"inconsistent with its size or the file size {size} (truncated file?)"
+            )
+        tensors[name] = TensorInfo(name, file, dtype, tuple(shape), data_start + begin, data_start + end)
+    return ShardHeader(file, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata))
+
+
+def open_source(url: str) -> SourceIndex:
+    """Read the index (or the single file's header) and every shard header of a checkpoint."""
+    shown = storage.redact(url)
+    index_url = storage.join(url, INDEX_NAME)
+    if storage.exists(index_url):
+        raw = storage.read_bytes(index_url)
+        try:
+            weight_map = json.loads(raw)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: {e}") from e
+        index_sha: str | None = hashlib.sha256(raw).hexdigest()
+    elif storage.exists(storage.join(url, SINGLE_NAME)):
+        weight_map, index_sha = None, None
+    else:
+        raise SafetensorsError(f"{shown} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+    shards = {f: read_header(storage.join(url, f), f) for f in files}
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is None:
+        tensors = dict(shards[SINGLE_NAME].tensors)
+    else:
+        for name, file in sorted(weight_map.items()):
+            info = shards[file].tensors.get(name)
+            if info is None:
+                raise SafetensorsError(
+                    f"tensor {name} is listed in {INDEX_NAME} under {file} but missing from that shard"
+                )
+            tensors[name] = info
+    return SourceIndex(url, index_sha, shards, tensors)
+
+
+def _decode(info: TensorInfo, data: bytes | bytearray | memoryview) -> torch.Tensor:
+    dtype = DTYPES[info.dtype]
+    if len(data) == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    # frombuffer shares memory with a writable buffer; the bytearray copy is what we keep.
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
+
+
+def _check_finite(info: TensorInfo, t: torch.Tensor, url: str) -> None:
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.float()).all()):
+        bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
+        raise SafetensorsError(f"tensor {info.name} in {storage.redact(url)} contains {bad} values")
+
+
+def read_tensors(source: SourceIndex, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read the named tensors by byte range, coalescing neighbours in the same shard.
+
+    Raises SafetensorsError naming a tensor that is not in the source, or whose data is NaN/Inf.
+    """
+    wanted = sorted(set(names))
+    missing = [n for n in wanted if n not in source.tensors]
+    if missing:
+        raise SafetensorsError(
+            f"tensor {missing[0]} is not in {storage.redact(source.url)}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    by_file: dict[str, list[TensorInfo]] = {}
+    for n in wanted:
+        info = source.tensors[n]
+        by_file.setdefault(info.file, []).append(info)
+    out: dict[str, torch.Tensor] = {}
+    for file, infos in sorted(by_file.items()):
+        url = storage.join(source.url, file)
+        infos.sort(key=lambda i: i.start)
+        runs: list[list[TensorInfo]] = [[infos[0]]]
+        for info in infos[1:]:
+            if info.start - runs[-1][-1].end <= COALESCE_GAP_BYTES:
+                runs[-1].append(info)
+            else:
+                runs.append([info])
+        for run in runs:
+            lo, hi = run[0].start, max(i.end for i in run)
+            try:
+                blob = memoryview(storage.read_bytes(url, lo, hi))
+            except FileNotFoundError as e:
+                raise SafetensorsError(f"shard {storage.redact(url)} is missing") from e
+            if len(blob) != hi - lo:
+                raise SafetensorsError(
+                    f"shard {storage.redact(url)} is truncated: reading {run[0].name} got "
+                    f"{len(blob)} of {hi - lo} bytes"
+                )
+            for info in run:
+                t = _decode(info, blob[info.start - lo : info.end - lo])
+                _check_finite(info, t, url)
+                out[info.name] = t
+    return out
+
+
+def shard_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize deterministically: sorted names, contiguous CPU tensors, fixed metadata."""
+    ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
+    meta = {"format": "pt", **dict(sorted((metadata or {}).items()))}
+    return _st_save(ordered, metadata=meta)
+
+
+def write_shard(
+    url: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[str, int]:
+    """Write a shard atomically; returns (sha256 hex, size in bytes) of what was written."""
+    data = shard_bytes(tensors, metadata)
+    storage.write_bytes_atomic(url, data)
+    return hashlib.sha256(data).hexdigest(), len(data)

@@ -1,0 +1,151 @@
+"""Storage I/O by URL: the project's only fsspec user.
+
+URLs: local paths, ``file://``, ``s3://``, ``gs://``, ``az://``, ``memory://`` (tests). Credentials
+and endpoints come from each provider's standard chain (for S3: ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles) or fsspec's own config
+(``~/.config/fsspec``, ``FSSPEC_S3_*``) — never from a project flag — and are never logged:
+messages name URLs through ``redact``, which drops any ``user:password@`` part.
+
+Writes are atomic: a local file is written under a temporary name in the same directory and
+renamed over the target; an object store gets a single PUT, which readers see whole or not at
+all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the (redacted) URL."""
+
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def redact(url: str) -> str:
+    """The URL without any ``user:password@`` part, for messages and logs."""
+    if not _SCHEME.match(url):
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+def resolve(url: str) -> tuple[AbstractFileSystem, str]:
+    """(file system, path within it) for a URL or local path."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise StorageError(
+            f"cannot open {redact(url)}: {e} (install the protocol's fsspec package, "
+            "e.g. `pip install aser[s3]`)"
+        ) from e
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """``url`` / part / part, with exactly one slash between components."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def exists(url: str) -> bool:
+    fs, path = resolve(url)
+    return bool(fs.exists(path))
+
+
+def size_bytes(url: str) -> int:
+    fs, path = resolve(url)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{redact(url)} does not exist") from e
+
+
+def list_dir(url: str) -> list[str]:
+    """Names (not paths) of the entries directly under ``url``, sorted; [] if it is absent."""
+    fs, path = resolve(url)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    names.discard("")
+    return sorted(names)
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes ``[start, end)`` of the object (the whole object when both are None).
+
+    Object stores are asked for the range only (an HTTP Range request), so reading one tensor
+    out of a 5 GB shard moves that tensor's bytes, not the shard's.
+    """
+    fs, path = resolve(url)
+    try:
+        if start is None and end is None:
+            return bytes(fs.cat_file(path))
+        return bytes(fs.cat_file(path, start=start, end=end))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{redact(url)} does not exist") from e
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old object, or the new one whole, never a part."""
+    fs, path = resolve(url)
+    if _is_local(fs):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    # One PUT (or one completed multipart upload for large data): all or nothing for readers.
+    fs.pipe_file(path, data)
+    # Object-store file systems cache listings; a later exists()/ls() must see this write.
+    fs.invalidate_cache(path)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file (or a tree with ``recursive``); absent is not an error."""
+    fs, path = resolve(url)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path)
+
+
+def copy_small(src_url: str, dst_url: str) -> None:
+    """Copy a small file (tokenizer, generation_config.json) between any two stores."""
+    write_bytes_atomic(dst_url, read_bytes(src_url))
