@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aser.pipeline import safetensors_io as sio
+from aser.pipeline import storage
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.layers.0.a.weight": torch.randn(7, 5, generator=g),
+        "model.layers.0.b.weight": torch.randn(3, generator=g).to(torch.bfloat16),
+        "model.layers.1.a.weight": torch.randn(4, 4, generator=g).half(),
+        "model.layers.1.codes": torch.randint(-8, 8, (6, 2), generator=g, dtype=torch.int8),
+        "model.embed_tokens.weight": torch.randn(11, 5, generator=g),
+    }
+
+
+def _write_sharded(root: Path, tensors: dict[str, torch.Tensor]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(root / file))
+        weight_map.update({k: file for k in keys})
+    (root / sio.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_range_reads_match(tmp_path: Path) -> None:
+    t = _tensors()
+    _write_sharded(tmp_path / "m", t)
+    src = sio.open_source(str(tmp_path / "m"))
+    assert set(src.tensors) == set(t)
+    names = src.names_with_prefix("model.layers.1.")
+    assert names == ["model.layers.1.a.weight", "model.layers.1.codes"]
+    got = sio.read_tensors(src, names + ["model.layers.0.b.weight"])
+    for n, v in got.items():
+        assert v.dtype == t[n].dtype and torch.equal(v, t[n]), n
+
+
+def test_single_file_in_memory_fs() -> None:
+    t = _tensors()
+    base = f"memory://aser-{uuid.uuid4().hex}"
+    storage.write_bytes_atomic(storage.join(base, sio.SINGLE_NAME), sio.shard_bytes(t))
+    src = sio.open_source(base)
+    assert src.index_sha256 is None
+    got = sio.read_tensors(src, t)
+    assert all(torch.equal(got[n], t[n]) for n in t)
+
+
+def test_reads_only_the_needed_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = {"big": torch.zeros(1 << 20), "small": torch.ones(3)}  # 4 MiB + 12 B
+    save_file(t, str(tmp_path / sio.SINGLE_NAME))
+    src = sio.open_source(str(tmp_path))
+    calls: list[tuple[int | None, int | None]] = []
+    real = storage.read_bytes
+
+    def spy(url: str, start: int | None = None, end: int | None = None) -> bytes:
+        calls.append((start, end))
+        return real(url, start, end)
+
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    assert torch.equal(sio.read_tensors(src, ["small"])["small"], t["small"])
+    assert len(calls) == 1 and calls[0][1] - calls[0][0] == 12  # type: ignore[operator]
+
+
+def test_fingerprint_changes_with_header_not_equal_data(tmp_path: Path) -> None:
+    t = _tensors()
+    _write_sharded(tmp_path / "a", t)
+    fp = sio.open_source(str(tmp_path / "a")).fingerprint()
+    assert fp == sio.open_source(str(tmp_path / "a")).fingerprint()
+    t2 = dict(t)
+    t2["model.layers.0.a.weight"] = torch.randn(7, 6)
+    _write_sharded(tmp_path / "b", t2)
+    assert sio.open_source(str(tmp_path / "b")).fingerprint() != fp
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    _write_sharded(tmp_path, _tensors())
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(sio.SafetensorsError, match="model-00002-of-00002.safetensors is missing"):
+        sio.open_source(str(tmp_path))
+
+
+def test_no_checkpoint_at_all(tmp_path: Path) -> None:
+    with pytest.raises(sio.SafetensorsError, match="neither"):
+        sio.open_source(str(tmp_path))
+
+
+def test_truncated_and_corrupt_headers(tmp_path: Path) -> None:
+    f = tmp_path / sio.SINGLE_NAME
+    save_file({"x": torch.ones(100)}, str(f))
+    raw = f.read_bytes()
+    f.write_bytes(raw[:-10])  # data cut short
+    with pytest.raises(sio.SafetensorsError, match="tensor x .*truncated"):
+        sio.open_source(str(tmp_path))
+    f.write_bytes(raw[:20])  # header cut short
+    with pytest.raises(sio.SafetensorsError, match="corrupt or truncated header"):
+        sio.open_source(str(tmp_path))
+    f.write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(sio.SafetensorsError, match="corrupt header"):
+        sio.open_source(str(tmp_path))
+    f.write_bytes(b"abc")
+    with pytest.raises(sio.SafetensorsError, match="truncated"):
+        sio.open_source(str(tmp_path))
+
+
+def test_tensor_missing_from_shard_or_source_is_named(tmp_path: Path) -> None:
+    t = _tensors()
+    _write_sharded(tmp_path, t)
+    index = json.loads((tmp_path / sio.INDEX_NAME).read_text())
+    index["weight_map"]["model.layers.9.ghost"] = "model-00001-of-00002.safetensors"
+    (tmp_path / sio.INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(sio.SafetensorsError, match="model.layers.9.ghost .*missing from that shard"):
+        sio.open_source(str(tmp_path))
+    del index["weight_map"]["model.layers.9.ghost"]
+    (tmp_path / sio.INDEX_NAME).write_text(json.dumps(index))
+    src = sio.open_source(str(tmp_path))
+    with pytest.raises(sio.SafetensorsError, match="tensor model.layers.7.x is not in"):
+        sio.read_tensors(src, ["model.layers.7.x"])
+
+
+def test_nan_weight_is_named(tmp_path: Path) -> None:
+    w = torch.ones(4, 4)
+    w[2, 1] = float("nan")
+    save_file({"model.layers.0.mlp.up_proj.weight": w, "ok": torch.ones(2)}, str(tmp_path / sio.SINGLE_NAME))
+    src = sio.open_source(str(tmp_path))
+    assert torch.equal(sio.read_tensors(src, ["ok"])["ok"], torch.ones(2))
+    with pytest.raises(sio.SafetensorsError, match="model.layers.0.mlp.up_proj.weight .*NaN"):
+        sio.read_tensors(src, ["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_write_shard_is_deterministic_and_readable(tmp_path: Path) -> None:
+    t = _tensors()
+    shuffled = dict(reversed(list(t.items())))
+    assert sio.shard_bytes(t) == sio.shard_bytes(shuffled)
+    sha, size = sio.write_shard(str(tmp_path / sio.SINGLE_NAME), shuffled)
+    data = (tmp_path / sio.SINGLE_NAME).read_bytes()
+    assert size == len(data)
+    import hashlib
+
+    assert sha == hashlib.sha256(data).hexdigest()
+    src = sio.open_source(str(tmp_path))
+    assert src.shards[sio.SINGLE_NAME].metadata == {"format": "pt"}
+    got = sio.read_tensors(src, t)
+    assert all(torch.equal(got[n], t[n]) for n in t)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from aser.pipeline import storage
+
+
+def _roundtrip(base: str) -> None:
+    url = storage.join(base, "dir", "blob.bin")
+    assert not storage.exists(url)
+    data = bytes(range(256)) * 4
+    storage.write_bytes_atomic(url, data)
+    assert storage.exists(url)
+    assert storage.size_bytes(url) == len(data)
+    assert storage.read_bytes(url) == data
+    assert storage.read_bytes(url, 10, 20) == data[10:20]
+    assert storage.read_bytes(url, 1000, 1024) == data[1000:1024]
+    storage.write_bytes_atomic(url, b"new")  # overwrite replaces whole
+    assert storage.read_bytes(url) == b"new"
+    storage.write_text_atomic(storage.join(base, "dir", "a.json"), "{}")
+    assert storage.list_dir(storage.join(base, "dir")) == ["a.json", "blob.bin"]
+    storage.copy_small(url, storage.join(base, "copy", "blob.bin"))
+    assert storage.read_bytes(storage.join(base, "copy", "blob.bin")) == b"new"
+    storage.remove(storage.join(base, "dir"), recursive=True)
+    assert not storage.exists(url)
+    assert storage.list_dir(storage.join(base, "dir")) == []
+    with pytest.raises(FileNotFoundError, match="blob.bin does not exist"):
+        storage.read_bytes(url)
+
+
+def test_local_path_and_file_url(tmp_path: Path) -> None:
+    _roundtrip(str(tmp_path / "plain"))
+    _roundtrip((tmp_path / "url").as_uri())
+
+
+def test_memory() -> None:
+    _roundtrip(f"memory://aser-{uuid.uuid4().hex}")
+
+
+def test_s3_through_standard_endpoint_env(s3_bucket: str) -> None:
+    _roundtrip(storage.join(s3_bucket, "prefix"))
+
+
+def test_local_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.bin"
+    storage.write_bytes_atomic(str(target), b"old")
+
+    with pytest.raises(TypeError):
+        storage.write_bytes_atomic(str(target), 12345)  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_redact_drops_credentials() -> None:
+    assert storage.redact("s3://KEY:SECRET@bucket/x") == "s3://***@bucket/x"
+    assert "SECRET" not in storage.redact("https://u:SECRET@host:9000/p")
+    assert storage.redact("/local/path") == "/local/path"
+    assert storage.redact("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_unknown_protocol_is_a_clear_error() -> None:
+    with pytest.raises(storage.StorageError, match="nosuchproto://"):
+        storage.exists("nosuchproto://x/y")
