@@ -1,0 +1,135 @@
+"""Per-token INT8 activation quantization (dynamic, symmetric), optionally fused with smoothing.
+
+Numerics are those of ``quant.quantize_activation(x, 8)`` applied to ``x / m``:
+``scale = absmax / 127.5`` (a zero scale becomes the dtype's eps), ``q = round(clamp(x / scale,
+-128, 127))`` with round-half-to-even, every intermediate rounded to x's dtype as torch does.
+The Triton kernel reproduces that bit for bit: it computes in fp32 with IEEE division and casts
+back to x's dtype after each step where torch would round (torch's bf16/fp16 arithmetic is
+fp32 arithmetic followed by a round to the storage type).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from aser.kernels.backend import HAS_TRITON, Backend, use_triton
+from aser.kernels.quant import quantize_activation
+
+A_BITS = 8
+
+
+class QuantizedActivation(NamedTuple):
+    """q: (M, K) int8 codes; scale: (M, 1) in x's dtype; smoothed: x / m (M, K), or None without m."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    smoothed: torch.Tensor | None
+
+
+def quantize_activation_int8_reference(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    """Pure-torch reference. x: (M, K) float; smooth: (K,) per-channel divisor m, or None."""
+    xs = x / smooth.to(x.dtype) if smooth is not None else x
+    q, scale = quantize_activation(xs, A_BITS)
+    return QuantizedActivation(q, scale, xs if smooth is not None else None)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    # 1.5 * 2^23: adding and subtracting it rounds an fp32 of magnitude < 2^22 to an integer,
+    # half to even (the FPU's own rounding). libdevice.rint would be the direct spelling, but
+    # the interpreter that runs our CPU tests cannot call libdevice.
+    _RNE_MAGIC = 12582912.0
+
+    @triton.jit
+    def round_fp32_to(x, dtype: tl.constexpr):
+        """fp32 -> nearest ``dtype`` value (half to even), returned as fp32.
+
+        bf16 is rounded with integer bit operations: the interpreter's fp32->bf16 cast
+        truncates instead of rounding to nearest even, and this spelling is exact on both.
+        (NaN payloads are not preserved; activations carrying NaN are already lost.)
+        """
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _act_quant_kernel(
+        x_ptr, m_ptr, q_ptr, scale_ptr, xs_ptr, K, eps,
+        HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * K
+        dtype = x_ptr.dtype.element_ty
+        # Pass 1: absmax of the (smoothed) row.
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                m = tl.load(m_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+                x = round_fp32_to(tl.math.div_rn(x, m), dtype)
+            amax = tl.maximum(amax, tl.abs(x))
+        absmax = tl.max(amax, axis=0)
+        scale = round_fp32_to(tl.math.div_rn(absmax, absmax * 0.0 + 127.5), dtype)
+        scale = tl.where(scale == 0.0, eps, scale)
+        tl.store(scale_ptr + row, scale.to(dtype))
+        # Pass 2: codes (the row is re-read; it is in L2 for any realistic K).
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                m = tl.load(m_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+                x = round_fp32_to(tl.math.div_rn(x, m), dtype)
+                tl.store(xs_ptr + row * K + offs, x.to(dtype), mask=mask)
+            v = round_fp32_to(tl.math.div_rn(x, tl.zeros_like(x) + scale), dtype)
+            v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+            v = (v + _RNE_MAGIC) - _RNE_MAGIC
+            tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
+
+
+def quantize_activation_int8_triton(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    """Triton kernel; same contract as the reference. x: (M, K) float16/bfloat16/float32."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, K), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16/bf16/fp32 for the Triton kernel, got {x.dtype}")
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M, 1), dtype=x.dtype, device=x.device)
+    xs = torch.empty_like(x) if smooth is not None else None
+    m = smooth.to(x.dtype).contiguous() if smooth is not None else None
+    if M == 0 or K == 0:
+        if K == 0:
+            scale.fill_(torch.finfo(x.dtype).eps)
+        return QuantizedActivation(q, scale, xs)
+    block_k = min(triton.next_power_of_2(K), 4096)
+    _act_quant_kernel[(M,)](
+        x, m if m is not None else x, q, scale, xs if xs is not None else x, K,
+        torch.finfo(x.dtype).eps, HAS_SMOOTH=smooth is not None, BLOCK_K=block_k,
+    )
+    return QuantizedActivation(q, scale, xs)
+
+
+def quantize_activation_int8(
+    x: torch.Tensor, smooth: torch.Tensor | None = None, backend: Backend = "auto"
+) -> QuantizedActivation:
+    """Per-token INT8 quantization of ``x / smooth``. x: (M, K) float; smooth: (K,) or None."""
+    if smooth is not None and smooth.shape != (x.shape[-1],):
+        raise ValueError(f"smooth must have shape ({x.shape[-1]},), got {tuple(smooth.shape)}")
+    if use_triton(backend, x, smooth):
+        return quantize_activation_int8_triton(x, smooth)
+    return quantize_activation_int8_reference(x, smooth)
