@@ -1,0 +1,142 @@
+"""The `aser` command line: builds configs from flags and hands them on; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aser.workers.reconstruct import METHODS, MethodConfig
+
+DEFAULT_SOURCE = "builtin:smollm2-135m"
+
+
+def _optional_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "16", "0") else int(s)
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `simulate` and `quantize`; defaults come from MethodConfig (one place)."""
+    d = MethodConfig()
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--w-bits", type=int, default=d.w_bits)
+    p.add_argument("--a-bits", type=_optional_int, default=d.a_bits, help="8, or 16/none for weight-only")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--num-outliers", type=int, default=d.num_outliers)
+    p.add_argument("--outlier-mode", default=d.outlier_mode, choices=("lowrank", "side", "none"))
+    p.add_argument("--reserve-rank", action="store_true", default=d.reserve_rank)
+    p.add_argument("--smooth-channels", default=d.smooth_channels, choices=("outliers", "all"))
+    p.add_argument("--alpha-grid", type=float, nargs="*", default=list(d.alpha_grid))
+    p.add_argument("--outlier-grid", type=int, nargs="*", default=list(d.outlier_grid))
+    p.add_argument("--damp", type=float, default=d.damp)
+    p.add_argument("--svd", default=d.svd, choices=("exact", "randomized", "auto"))
+    p.add_argument("--rank-energy", type=float, default=d.rank_energy)
+
+
+def method_from_args(a: argparse.Namespace) -> MethodConfig:
+    cfg = MethodConfig(
+        method=a.method, rank=a.rank, w_bits=a.w_bits, a_bits=a.a_bits, group_size=a.group_size,
+        alpha=a.alpha, num_outliers=a.num_outliers, outlier_mode=a.outlier_mode,
+        reserve_rank=a.reserve_rank, smooth_channels=a.smooth_channels,
+        alpha_grid=tuple(a.alpha_grid), outlier_grid=tuple(a.outlier_grid), damp=a.damp,
+        svd=a.svd, rank_energy=a.rank_energy,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _load(source: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aser.pipeline.sources import localize
+
+    path = localize(source)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    import torch
+
+    from aser.pipeline import data, evaluate, simulate
+
+    cfg = method_from_args(a)
+    t_start = time.perf_counter()
+    torch.manual_seed(a.seed)
+    model, tok = _load(a.source)
+    eval_ids = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.seq_len, a.max_windows)
+    ppl_fp = evaluate.perplexity(model, eval_ids, a.eval_batch_size)
+    if a.calib:
+        calib = data.calibration_windows(data.tokenize(tok, data.load_text(a.calib)), a.num_samples, a.seq_len, a.seed)
+        calib_source = a.calib
+    else:
+        calib = data.self_generated_windows(model, tok, a.num_samples, a.seq_len, a.seed)
+        calib_source = "self-generated (sampled from the model; no calibration text given)"
+
+    def progress(i: int, n: int) -> None:
+        if not a.json:
+            print(f"\r[aser] layer {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    report = simulate.apply_method(model, cfg, tokens=calib, propagate=a.propagate, batch_size=a.batch_size, progress=progress)
+    ppl = evaluate.perplexity(model, eval_ids, a.eval_batch_size)
+    extra, base = simulate.extra_params(model)
+    out = {
+        "method": cfg.method, "rank": cfg.rank, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+        "num_samples": a.num_samples, "seq_len": a.seq_len, "ppl": ppl, "ppl_fp": ppl_fp,
+        "num_windows": int(eval_ids.shape[0]), "seconds": time.perf_counter() - t_start,
+        "extra_params_pct": 100.0 * extra / max(base, 1), "calibration": calib_source,
+        "calibration_tokens_sha256": data.tokens_hash(calib), "source": a.source,
+        "stage_seconds": report.seconds, "method_config": cfg.to_dict(),
+    }
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"calibration: {calib_source}")
+        print(f"{cfg.method} r={cfg.rank} W{cfg.w_bits}A{cfg.a_bits or 16}: ppl {ppl:.3f} (fp {ppl_fp:.3f}) "
+              f"over {out['num_windows']} x {a.seq_len} tokens; extra params {out['extra_params_pct']:.2f}%; "
+              f"{out['seconds']:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aser", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("simulate", help="apply a method in memory (fake quantization) and report perplexity")
+    s.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
+    add_method_flags(s)
+    s.add_argument("--calib", default=None, help="calibration text (path or URL); default: sampled from the model")
+    s.add_argument("--num-samples", type=int, default=128)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--eval", required=True, help="evaluation text (path or URL)")
+    s.add_argument("--max-windows", type=int, default=40)
+    s.add_argument("--propagate", default="fp", choices=("fp", "quantized"))
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--eval-batch-size", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    a = build_parser().parse_args(argv)
+    try:
+        return int(a.func(a))
+    except ValueError as e:  # configuration and input errors: one line, no traceback
+        print(f"aser: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Text for calibration and evaluation: tokenized once, cut into fixed-length windows."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import Any
+
+import torch
+
+from aser.pipeline import storage
+
+
+class DataError(ValueError):
+    pass
+
+
+def load_text(url: str) -> str:
+    try:
+        return storage.read_text(url)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read text from {storage.redact(url)}: {e}") from e
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one (T,) int64 sequence, BOS first when the tokenizer adds one."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+    return ids.to(torch.int64)
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """The first `max_windows` non-overlapping windows of `seq_len` tokens: (W, L) int64."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`num_samples` windows of `seq_len` tokens at seeded random offsets (GPTQ-style): (S, L)."""
+    if ids.numel() < seq_len + 1:
+        raise DataError(
+            f"calibration text too short: {ids.numel()} tokens, need more than seq_len={seq_len}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def self_generated_windows(
+    model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int, batch_size: int = 16
+) -> torch.Tensor:
+    """Calibration text sampled from the model itself (no corpus): (S, L) int64.
+
+    Each sample starts at BOS and is drawn with temperature 1 (plain multinomial sampling).
+    """
+    print(
+        f"[aser] no calibration text given: sampling {num_samples} x {seq_len} tokens from the model itself",
+        file=sys.stderr,
+    )
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        b = min(batch_size, num_samples - start)
+        prompt = torch.full((b, 1), bos, dtype=torch.int64)
+        gen = model.generate(
+            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_length=seq_len,
+            min_length=seq_len, pad_token_id=tokenizer.eos_token_id,
+        )
+        out.append(gen[:, :seq_len])
+    return torch.cat(out)
+
+
+def tokens_hash(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()

@@ -1,0 +1,124 @@
+"""Low-rank error reconstruction: whitening SVD (ER/ASER step 3), plain SVD (LoRC), L2QER.
+
+All three return (L_A: (N, r), L_B: (r, K)) with E ≈ L_A L_B in the sense each minimises:
+- whitened: ‖(E − L_A L_B) X‖_F over rank-r, via S = chol(G + λ·mean(diag G)·I), SVD of E S;
+- plain:    ‖E − L_A L_B‖_F;
+- l2qer:    ‖(E − L_A L_B) diag(s)‖_F with s_j = mean|x_j| / sqrt(min(s)·max(s)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import time
+
+import torch
+
+
+@dataclass
+class LowRank:
+    L_A: torch.Tensor  # (N, r)
+    L_B: torch.Tensor  # (r, K)
+    sigma: torch.Tensor  # singular values of the (weighted) error that were computed, descending
+    damp: float  # λ used (whitened only; 0 otherwise)
+    cholesky_tries: int
+    cholesky_s: float = 0.0
+    svd_s: float = 0.0
+
+
+def damped_cholesky(G: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
+    """Lower Cholesky factor of G + λ·mean(diag G)·I, λ escalated ×10 on failure.
+
+    G: (K, K) float64. Returns (S, λ used, attempts). Raises after max_tries failures.
+    """
+    K = G.shape[0]
+    mean_diag = float(torch.diagonal(G).mean())
+    if not mean_diag > 0:
+        mean_diag = 1.0  # all-zero inputs: whitening degenerates to the identity
+    eye = torch.eye(K, dtype=G.dtype, device=G.device)
+    lam = damp
+    for attempt in range(1, max_tries + 1):
+        S, info = torch.linalg.cholesky_ex(G + (lam * mean_diag) * eye)
+        if int(info) == 0:
+            return S, lam, attempt
+        lam *= 10.0
+    raise torch.linalg.LinAlgError(f"Cholesky failed after {max_tries} tries (last λ={lam / 10:g})")
+
+
+def _top_svd(A: torch.Tensor, rank: int, mode: str, niter: int, oversample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` (U, S, V) of A (N, K); V is (K, r) (not transposed)."""
+    small = min(A.shape)
+    use_random = mode == "randomized" or (mode == "auto" and rank + oversample < small // 4)
+    if use_random and rank > 0:
+        q = min(rank + oversample, small)
+        # Fixed seed: same inputs, same bytes (DESIGN invariant 6).
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            U, S, V = torch.svd_lowrank(A, q=q, niter=niter)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return U[:, :rank], S, V[:, :rank]
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    return U[:, :rank], S, Vh[:rank].T
+
+
+def _energy_rank(sigma: torch.Tensor, energy: float, max_rank: int) -> int:
+    """Smallest r whose kept σ² reaches `energy` of the total, capped at max_rank."""
+    e = sigma.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 0
+    cum = torch.cumsum(e, 0) / total
+    r = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+    return min(r, max_rank, sigma.numel())
+
+
+def whitened_lowrank(
+    E: torch.Tensor,
+    G: torch.Tensor,
+    rank: int,
+    *,
+    damp: float = 1e-2,
+    svd: str = "exact",
+    niter: int = 4,
+    oversample: int = 16,
+    energy: float | None = None,
+) -> LowRank:
+    """ER / ASER step 3. E: (N, K) float64; G: (K, K) float64 (Gram of the layer's input)."""
+    t0 = time.perf_counter()
+    S, lam, tries = damped_cholesky(G, damp)
+    t1 = time.perf_counter()
+    ES = E @ S
+    U, sig, V = _top_svd(ES, min(rank, min(E.shape)), "exact" if energy is not None else svd, niter, oversample)
+    r = U.shape[1] if energy is None else _energy_rank(sig, energy, rank)
+    U, V = U[:, :r], V[:, :r]
+    L_A = U * sig[:r]
+    # L_B = V_rᵀ S⁻¹  ⇔  L_Bᵀ = S⁻ᵀ V_r: a triangular solve with Sᵀ (upper), never an inverse.
+    L_B = torch.linalg.solve_triangular(S.T, V, upper=True).T
+    return LowRank(L_A, L_B, sig, lam, tries, cholesky_s=t1 - t0, svd_s=time.perf_counter() - t1)
+
+
+def plain_lowrank(E: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 4, oversample: int = 16) -> LowRank:
+    """LoRC: best rank-r approximation of E in Frobenius norm."""
+    t0 = time.perf_counter()
+    U, sig, V = _top_svd(E, min(rank, min(E.shape)), svd, niter, oversample)
+    r = U.shape[1]
+    return LowRank(U * sig[:r], V.T.contiguous(), sig, 0.0, 0, svd_s=time.perf_counter() - t0)
+
+
+def l2qer_lowrank(
+    E: torch.Tensor, mean_abs: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 4, oversample: int = 16
+) -> LowRank:
+    """L²QER: SVD of E·diag(s), s_j = mean|x_j| normalised by sqrt(min(s)·max(s))."""
+    s = mean_abs.to(E.dtype).clamp_min(torch.finfo(E.dtype).tiny)
+    s = s / torch.sqrt(s.min() * s.max())
+    t0 = time.perf_counter()
+    U, sig, V = _top_svd(E * s[None, :], min(rank, min(E.shape)), svd, niter, oversample)
+    r = U.shape[1]
+    return LowRank(U * sig[:r], (V.T / s[None, :]).contiguous(), sig, 0.0, 0, svd_s=time.perf_counter() - t0)
+
+
+def output_error_sq(D: torch.Tensor, G: torch.Tensor) -> float:
+    """‖D X‖_F² = tr(D G Dᵀ) for D: (N, K), G = X Xᵀ: (K, K)."""
+    return float(((D @ G) * D).sum())
