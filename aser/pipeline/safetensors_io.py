@@ -170,6 +170,13 @@ def open_source(url: str) -> SourceIndex:
     return SourceIndex(url, index_sha, shards, tensors)
 
 
+def open_file(url: str) -> SourceIndex:
+    """A SourceIndex over one safetensors file (e.g. a shard this run wrote)."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    header = read_header(url, name)
+    return SourceIndex(parent, None, {name: header}, dict(header.tensors))
+
+
 def _decode(info: TensorInfo, data: bytes | bytearray | memoryview) -> torch.Tensor:
     dtype = DTYPES[info.dtype]
     if len(data) == 0:

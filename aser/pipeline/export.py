@@ -1,0 +1,352 @@
+"""The output checkpoint: compressed-tensors base shards, a PEFT LoRA adapter, then the index.
+
+Layout (DESIGN.md): one shard per stage, ``model-{stage+1:05d}-of-{num_stages:05d}.safetensors``
+with stage 0 the embeddings, stages 1..L the decoder layers, stage L+1 the final norm and
+``lm_head``; ``config.json`` with a compressed-tensors ``quantization_config``; ``aser_adapter/``
+holding the low-rank path as a PEFT LoRA adapter; tokenizer and generation config copied;
+``model.safetensors.index.json`` last, so a reader never sees a partial checkpoint.
+
+Formats: ``w4a8`` = INT4 symmetric per-channel (or per-group) weights + INT8 dynamic per-token
+activations, stored ``int-quantized`` (one INT4 value per int8 byte, the format compressed-tensors
+uses when activations are quantized); ``w4a16`` = the same weights ``pack-quantized`` (8 per
+int32). The compressed-tensors compressors do the storing; we only check they kept our codes.
+
+The low-rank path ``y += L_A (L_B x)`` is a LoRA with ``lora_A.weight = L_B (r, K)``,
+``lora_B.weight = L_A (N, r)`` and ``lora_alpha = r`` (scaling 1). During the run each layer's
+part is written under ``.aser_state/adapter/``; finalize merges them into the one
+``adapter_model.safetensors`` PEFT loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import compressed_tensors
+import torch
+from compressed_tensors.base import (
+    COMPRESSION_VERSION_NAME,
+    QUANTIZATION_CONFIG_NAME,
+    QUANTIZATION_METHOD_NAME,
+    SPARSITY_CONFIG_NAME,
+    TRANSFORM_CONFIG_NAME,
+)
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+    QuantizationType,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+from aser.pipeline import safetensors_io as sio
+from aser.pipeline import storage
+from aser.pipeline.config import OutputFormat
+from aser.pipeline.manifest import STATE_DIR, FileRecord
+
+CONFIG_NAME = "config.json"
+ADAPTER_DIR = "aser_adapter"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_PARTS_DIR = f"{STATE_DIR}/adapter"
+# Copied verbatim from the source when present.
+COPIED_FILES: tuple[str, ...] = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+IGNORED_MODULES: tuple[str, ...] = ("lm_head",)
+_COMPRESSION_FORMAT: dict[str, CompressionFormat] = {
+    "w4a8": CompressionFormat.int_quantized,
+    "w4a16": CompressionFormat.pack_quantized,
+}
+_PRESET = {"w4a8": "W4A8", "w4a16": "W4A16"}
+
+
+class ExportError(ValueError):
+    """The tensors handed to export cannot form the output checkpoint."""
+
+
+class QuantizedLinearLike(Protocol):
+    """What export needs of one quantized linear (``aser.workers.reconstruct.LinearResult``).
+
+    q: (N, K) int8 codes in [-8, 7]; scale: (N, 1) or (N, K // group) > 0; L_A: (N, r) and
+    L_B: (r, K), or None for rank 0."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    L_A: torch.Tensor | None
+    L_B: torch.Tensor | None
+
+
+# ---------------------------------------------------------------- scheme and config
+
+
+def quantization_scheme(fmt: OutputFormat, group_size: int | None) -> QuantizationScheme:
+    """The compressed-tensors scheme of every quantized Linear: the preset's activations, with
+    INT4 symmetric per-channel (``group_size`` None) or per-group weights."""
+    if fmt not in _PRESET:
+        raise ExportError(f"unknown output format {fmt!r}; known: {', '.join(_PRESET)}")
+    scheme = preset_name_to_scheme(_PRESET[fmt], targets=["Linear"])
+    weights = QuantizationArgs(
+        num_bits=4,
+        type=QuantizationType.INT,
+        symmetric=True,
+        dynamic=False,
+        strategy=QuantizationStrategy.CHANNEL if group_size is None else QuantizationStrategy.GROUP,
+        group_size=group_size,
+    )
+    return scheme.model_copy(update={"weights": weights, "format": _COMPRESSION_FORMAT[fmt].value})
+
+
+def quantization_config(fmt: OutputFormat, group_size: int | None) -> QuantizationConfig:
+    return QuantizationConfig(
+        config_groups={"group_0": quantization_scheme(fmt, group_size)},
+        format=_COMPRESSION_FORMAT[fmt].value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=list(IGNORED_MODULES),
+    )
+
+
+def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_size: int | None) -> dict:
+    """The source's config.json with a compressed-tensors quantization_config added (the same
+    keys ``ModelCompressor.update_config`` writes)."""
+    if QUANTIZATION_CONFIG_NAME in source_config:
+        raise ExportError("the source checkpoint is already quantized (config.json has quantization_config)")
+    qconfig = quantization_config(fmt, group_size).model_dump(mode="json", exclude={"quant_method"})
+    out = dict(source_config)
+    out[QUANTIZATION_CONFIG_NAME] = {
+        COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+        QUANTIZATION_METHOD_NAME: "compressed-tensors",
+        SPARSITY_CONFIG_NAME: {},
+        TRANSFORM_CONFIG_NAME: {},
+        **qconfig,
+    }
+    return out
+
+
+# ---------------------------------------------------------------- per layer
+
+
+def compress_linear(
+    q: torch.Tensor, scale: torch.Tensor, fmt: OutputFormat, group_size: int | None
+) -> dict[str, torch.Tensor]:
+    """Local-name tensors of one quantized Linear (``weight`` or ``weight_packed``/``weight_shape``,
+    and ``weight_scale``), stored by the compressed-tensors compressor of the format.
+
+    q: (N, K) int8 in [-8, 7]; scale: (N, K // g) in the checkpoint's dtype.
+    """
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ExportError(f"codes must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    N, K = q.shape
+    g = K if group_size is None else group_size
+    if K % g or tuple(scale.shape) != (N, K // g):
+        raise ExportError(f"scale shape {tuple(scale.shape)} does not fit codes {N}x{K}, group {group_size}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ExportError("codes outside the INT4 range [-8, 7]")
+    scheme = quantization_scheme(fmt, group_size)
+    # The compressors take the dequantized weight and re-derive the codes; in fp32, q * s / s
+    # rounds back to q exactly (|q| <= 8 needs 4 bits of the 24-bit mantissa).
+    s32 = scale.float()
+    W = (q.float().reshape(N, K // g, g) * s32.unsqueeze(-1)).reshape(N, K)
+    compressor = BaseCompressor.get_value_from_registry(_COMPRESSION_FORMAT[fmt].value)
+    out = compressor.compress({"weight": W, "weight_scale": scale}, scheme)
+    codes = ct_quantize(x=W, scale=scale, zero_point=None, args=scheme.weights, dtype=torch.int8)
+    if not torch.equal(codes, q):
+        raise ExportError("compressed-tensors did not reproduce our INT4 codes (scale convention?)")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def layer_tensors(
+    prefix: str,
+    fp_tensors: Mapping[str, torch.Tensor],
+    linears: Mapping[str, QuantizedLinearLike],
+    fmt: OutputFormat,
+    group_size: int | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base tensors, adapter tensors) of one decoder layer, with full checkpoint names.
+
+    prefix: e.g. ``model.layers.3.``; fp_tensors: the layer's full-precision tensors with names
+    relative to it (smoothing folded), including each linear's ``weight`` (dropped) and ``bias``
+    (kept); linears: relative module name (``self_attn.q_proj``) -> its quantization.
+    """
+    base: dict[str, torch.Tensor] = {}
+    for name in linears:
+        if f"{name}.weight" not in fp_tensors:
+            raise ExportError(f"{prefix}{name} is quantized but has no weight among the layer's tensors")
+    quantized_weights = {f"{name}.weight" for name in linears}
+    for name, t in fp_tensors.items():
+        if name not in quantized_weights:
+            base[prefix + name] = t
+    adapter: dict[str, torch.Tensor] = {}
+    for name, lin in sorted(linears.items()):
+        for local, t in compress_linear(lin.q, lin.scale, fmt, group_size).items():
+            base[f"{prefix}{name}.{local}"] = t
+        if (lin.L_A is None) != (lin.L_B is None):
+            raise ExportError(f"{prefix}{name}: L_A and L_B must both be given or both be None")
+        if lin.L_A is not None and lin.L_B is not None and lin.L_A.shape[1] > 0:
+            N, K = lin.q.shape
+            r = lin.L_A.shape[1]
+            if tuple(lin.L_A.shape) != (N, r) or tuple(lin.L_B.shape) != (r, K):
+                raise ExportError(
+                    f"{prefix}{name}: L_A {tuple(lin.L_A.shape)} / L_B {tuple(lin.L_B.shape)} "
+                    f"do not fit the weight {N}x{K}"
+                )
+            module = f"base_model.model.{prefix}{name}"
+            adapter[f"{module}.lora_A.weight"] = lin.L_B.contiguous()
+            adapter[f"{module}.lora_B.weight"] = lin.L_A.contiguous()
+    return base, adapter
+
+
+def num_stages(num_layers: int) -> int:
+    """Embeddings, one per decoder layer, and the head."""
+    return num_layers + 2
+
+
+def stage_shard_name(stage: int, num_layers: int) -> str:
+    """Shard of ``stage``: 0 embeddings, 1 + i decoder layer i, num_layers + 1 the head."""
+    total = num_stages(num_layers)
+    if not 0 <= stage < total:
+        raise ExportError(f"stage {stage} out of range for {num_layers} layers")
+    return f"model-{stage + 1:05d}-of-{total:05d}.safetensors"
+
+
+def adapter_part_name(stage: int) -> str:
+    return f"{ADAPTER_PARTS_DIR}/stage-{stage:05d}.safetensors"
+
+
+def write_stage(
+    dest: str,
+    stage: int,
+    num_layers: int,
+    base: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, FileRecord]:
+    """Write one stage's base shard (and its adapter part, if any), atomically.
+
+    Returns the files written, by name relative to ``dest``, for the manifest.
+    """
+    written: dict[str, FileRecord] = {}
+    name = stage_shard_name(stage, num_layers)
+    sha, size = sio.write_shard(storage.join(dest, name), base)
+    written[name] = FileRecord(sha, size)
+    if adapter:
+        part = adapter_part_name(stage)
+        sha, size = sio.write_shard(storage.join(dest, part), adapter)
+        written[part] = FileRecord(sha, size)
+    return written
+
+
+# ---------------------------------------------------------------- finalize
+
+
+def adapter_config(ranks: Mapping[str, int]) -> dict:
+    """PEFT LoraConfig dict for modules (full names) -> rank, alpha = rank (scaling 1).
+
+    The most common rank is ``r``; modules with another rank go to rank_pattern/alpha_pattern.
+    """
+    from peft import LoraConfig
+
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+    others = {m: k for m, k in sorted(ranks.items()) if k != r}
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=sorted(ranks),
+        rank_pattern=others,
+        alpha_pattern=dict(others),
+    )
+    out = cfg.to_dict()
+    # As PeftConfig.save_pretrained does, sets become lists; sorted so the bytes are stable.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+
+
+def _write_adapter(dest: str, adapter_parts: Sequence[str]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for part in sorted(adapter_parts):
+        src = sio.open_file(storage.join(dest, part))
+        tensors.update(sio.read_tensors(src, src.tensors))
+    if not tensors:
+        return
+    ranks = {}
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len("base_model.model.") : -len(".lora_A.weight")]
+            ranks[module] = int(t.shape[0])
+    sio.write_shard(storage.join(dest, ADAPTER_DIR, ADAPTER_WEIGHTS_NAME), tensors)
+    storage.write_text_atomic(
+        storage.join(dest, ADAPTER_DIR, ADAPTER_CONFIG_NAME),
+        json.dumps(adapter_config(ranks), indent=2, sort_keys=True) + "\n",
+    )
+
+
+@dataclass(frozen=True)
+class FinalizeResult:
+    index_url: str
+    num_tensors: int
+    total_size_bytes: int
+    copied: tuple[str, ...]
+
+
+def finalize(
+    dest: str,
+    source: str,
+    num_layers: int,
+    fmt: OutputFormat,
+    group_size: int | None,
+    adapter_parts: Sequence[str],
+) -> FinalizeResult:
+    """Write config.json, the adapter, copied files, and then — last — the index.
+
+    Every stage shard must already be written; the index is built from their headers, so this
+    works the same after a resume.
+    """
+    source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
+    storage.write_text_atomic(
+        storage.join(dest, CONFIG_NAME),
+        json.dumps(output_config(source_config, fmt, group_size), indent=2, sort_keys=True) + "\n",
+    )
+    copied = []
+    for name in COPIED_FILES:
+        src = storage.join(source, name)
+        if storage.exists(src):
+            storage.copy_small(src, storage.join(dest, name))
+            copied.append(name)
+    _write_adapter(dest, adapter_parts)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for stage in range(num_stages(num_layers)):
+        name = stage_shard_name(stage, num_layers)
+        try:
+            header = sio.read_header(storage.join(dest, name), name)
+        except sio.SafetensorsError as e:
+            raise ExportError(f"cannot finalize: {e}") from e
+        for tname, info in header.tensors.items():
+            if tname in weight_map:
+                raise ExportError(f"tensor {tname} is in both {weight_map[tname]} and {name}")
+            weight_map[tname] = name
+            total += info.end - info.start
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index_url = storage.join(dest, sio.INDEX_NAME)
+    storage.write_text_atomic(index_url, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return FinalizeResult(index_url, len(weight_map), total, tuple(copied))

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from aser.kernels.quant import dequantize_weight, fake_quantize_activation, quantize_weight
+from aser.pipeline import export
+from aser.pipeline import safetensors_io as sio
+from aser.pipeline.layers import layer_prefix
+
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass
+class Lin:
+    q: torch.Tensor
+    scale: torch.Tensor
+    L_A: torch.Tensor | None
+    L_B: torch.Tensor | None
+
+
+def _rank(layer: int, name: str) -> int:
+    if (layer, name) == (1, "mlp.down_proj"):
+        return 0  # a linear without correction: no LoRA module for it
+    return 4 if name == "self_attn.q_proj" else 8  # unequal ranks exercise rank_pattern
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    src = tmp_path_factory.mktemp("src")
+    model.save_pretrained(src)
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return src
+
+
+def _export(src: Path, dest: Path, fmt: str) -> dict[str, dict[str, Lin]]:
+    """What the driver does, with round-to-nearest and random low-rank factors."""
+    source = sio.open_source(str(src))
+    cfg = json.loads((src / "config.json").read_text())
+    L = cfg["num_hidden_layers"]
+    parts = []
+    g = torch.Generator().manual_seed(1)
+    emb = sio.read_tensors(source, ["model.embed_tokens.weight"])
+    export.write_stage(str(dest), 0, L, emb)
+    all_lins = {}
+    for i in range(L):
+        prefix = layer_prefix(i)
+        names = source.names_with_prefix(prefix)
+        fp = {n[len(prefix):]: t for n, t in sio.read_tensors(source, names).items()}
+        lins = {}
+        for name in LINEARS:
+            W = fp[f"{name}.weight"]
+            q, scale = quantize_weight(W, 4)
+            r = _rank(i, name)
+            L_A = 0.02 * torch.randn(W.shape[0], r, generator=g) if r else None
+            L_B = 0.02 * torch.randn(r, W.shape[1], generator=g) if r else None
+            lins[name] = Lin(q, scale, L_A, L_B)
+        base, adapter = export.layer_tensors(prefix, fp, lins, fmt, None)  # type: ignore[arg-type]
+        files = export.write_stage(str(dest), 1 + i, L, base, adapter)
+        parts += [f for f in files if f.startswith(export.ADAPTER_PARTS_DIR)]
+        all_lins[prefix] = lins
+    head = sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"])
+    export.write_stage(str(dest), L + 1, L, head)
+    export.finalize(str(dest), str(src), L, fmt, None, parts)  # type: ignore[arg-type]
+    return all_lins
+
+
+@pytest.mark.parametrize("fmt, a_bits", [("w4a8", 8), ("w4a16", None)])
+def test_transformers_and_peft_load_the_export(source: Path, tmp_path: Path, fmt: str, a_bits) -> None:
+    from peft import PeftModel
+
+    dest = tmp_path / "out"
+    lins = _export(source, dest, fmt)
+    files = sorted(p.name for p in dest.iterdir())
+    assert "model.safetensors.index.json" in files and "tokenizer_config.json" in files
+    assert "generation_config.json" in files
+    qcfg = json.loads((dest / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors"
+    assert qcfg["format"] == ("int-quantized" if fmt == "w4a8" else "pack-quantized")
+    assert qcfg["ignore"] == ["lm_head"]
+    weights = qcfg["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["symmetric"]) == (4, "channel", True)
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    model = AutoModelForCausalLM.from_pretrained(dest).eval()
+    with torch.no_grad():
+        got = model(ids).logits
+        ref_base = _ref_logits(source, lins, a_bits, lowrank=False, ids=ids)
+        ref_full = _ref_logits(source, lins, a_bits, lowrank=True, ids=ids)
+    # Same fp32 ops as transformers' CPU fake-quant path: equal up to summation order.
+    torch.testing.assert_close(got, ref_base, atol=1e-5, rtol=1e-5)
+    assert (ref_full - ref_base).abs().max() > 1e-3  # the adapter is not a no-op
+    if a_bits is not None:
+        # ... and the activation quantization is really applied by the loaded model.
+        with torch.no_grad():
+            ref_weight_only = _ref_logits(source, lins, None, lowrank=False, ids=ids)
+        assert (ref_weight_only - got).abs().max() > 1e-4
+
+    peft_model = PeftModel.from_pretrained(model, str(dest / export.ADAPTER_DIR)).eval()
+    with torch.no_grad():
+        got_full = peft_model(ids).logits
+    torch.testing.assert_close(got_full, ref_full, atol=1e-5, rtol=1e-5)
+    lora_modules = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert len(lora_modules) == 2 * len(LINEARS) - 1  # layer 1's down_proj has rank 0
+    adapter_cfg = json.loads((dest / export.ADAPTER_DIR / export.ADAPTER_CONFIG_NAME).read_text())
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 8
+    assert adapter_cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(2)}
+    assert adapter_cfg["alpha_pattern"] == adapter_cfg["rank_pattern"]
+
+
+def _ref_logits(src: Path, lins, a_bits, lowrank: bool, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    for prefix, layer in lins.items():
+        for name, lin in layer.items():
+            module = model.get_submodule(f"{prefix}{name}")
+            W = dequantize_weight(lin.q, lin.scale)
+
+            def forward(x, W=W, lin=lin, bias=module.bias):
+                xq = x if a_bits is None else fake_quantize_activation(x, a_bits)
+                y = torch.nn.functional.linear(xq, W, bias)
+                if lowrank and lin.L_A is not None:
+                    y = y + (x @ lin.L_B.T) @ lin.L_A.T  # the low-rank path reads unquantized x
+                return y
+
+            module.forward = forward
+    return model(ids).logits
+
+
+def test_export_is_byte_identical_across_runs(source: Path, tmp_path: Path) -> None:
+    _export(source, tmp_path / "a", "w4a8")
+    _export(source, tmp_path / "b", "w4a8")
+    names = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert any(str(n).endswith(".safetensors") for n in names)
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def test_bad_inputs_are_refused() -> None:
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(export.ExportError, match="scale shape"):
+        export.compress_linear(q, torch.ones(4, 2), "w4a8", None)
+    with pytest.raises(export.ExportError, match="INT4 range"):
+        export.compress_linear(q + 9, torch.ones(4, 1), "w4a8", None)
+    with pytest.raises(export.ExportError, match="already quantized"):
+        export.output_config({"quantization_config": {}}, "w4a8", None)
+    with pytest.raises(export.ExportError, match="unknown output format"):
+        export.quantization_scheme("w3a3", None)  # type: ignore[arg-type]
