@@ -31,7 +31,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def _method_config_type() -> type:
+def _method_config_type() -> type[MethodConfig]:
     from aser.workers.reconstruct import MethodConfig
 
     return MethodConfig

@@ -59,35 +59,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _export(src: Path, dest: Path, fmt: str) -> dict[str, dict[str, Lin]]:
-    """What the driver does, with round-to-nearest and random low-rank factors."""
-    source = sio.open_source(str(src))
-    cfg = json.loads((src / "config.json").read_text())
-    L = cfg["num_hidden_layers"]
-    parts = []
-    g = torch.Generator().manual_seed(1)
-    emb = sio.read_tensors(source, ["model.embed_tokens.weight"])
-    export.write_stage(str(dest), 0, L, emb)
-    all_lins = {}
-    for i in range(L):
-        prefix = layer_prefix(i)
-        names = source.names_with_prefix(prefix)
-        fp = {n[len(prefix):]: t for n, t in sio.read_tensors(source, names).items()}
-        lins = {}
-        for name in LINEARS:
-            W = fp[f"{name}.weight"]
-            q, scale = quantize_weight(W, 4)
-            r = _rank(i, name)
-            L_A = 0.02 * torch.randn(W.shape[0], r, generator=g) if r else None
-            L_B = 0.02 * torch.randn(r, W.shape[1], generator=g) if r else None
-            lins[name] = Lin(q, scale, L_A, L_B)
-        base, adapter = export.layer_tensors(prefix, fp, lins, fmt, None)  # type: ignore[arg-type]
-        files = export.write_stage(str(dest), 1 + i, L, base, adapter)
-        parts += [f for f in files if f.startswith(export.ADAPTER_PARTS_DIR)]
-        all_lins[prefix] = lins
-    head = sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"])
-    export.write_stage(str(dest), L + 1, L, head)
-    export.finalize(str(dest), str(src), L, fmt, None, parts)  # type: ignore[arg-type]
-    return all_lins
+    return _export_url(str(src), str(dest), fmt)
 
 
 @pytest.mark.parametrize("fmt, a_bits", [("w4a8", 8), ("w4a16", None)])
@@ -170,3 +142,68 @@ def test_bad_inputs_are_refused() -> None:
         export.output_config({"quantization_config": {}}, "w4a8", None)
     with pytest.raises(export.ExportError, match="unknown output format"):
         export.quantization_scheme("w3a3", None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a16"])
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressor_keeps_our_codes_and_scales(fmt: str, group_size, dtype) -> None:
+    from compressed_tensors.compressors import BaseCompressor
+
+    W = torch.randn(24, 48, generator=torch.Generator().manual_seed(3)).to(dtype)
+    W[3] = 0  # a zero row: scale eps, codes 0
+    q, scale = quantize_weight(W, 4, group_size)
+    out = export.compress_linear(q, scale, fmt, group_size)  # type: ignore[arg-type]
+    assert out["weight_scale"].dtype == dtype and torch.equal(out["weight_scale"], scale)
+    compressor = BaseCompressor.get_value_from_registry(export._COMPRESSION_FORMAT[fmt].value)
+    back = compressor.decompress(out, export.quantization_scheme(fmt, group_size))  # type: ignore[arg-type]
+    torch.testing.assert_close(back["weight"].float(), dequantize_weight(q, scale, group_size).float(), atol=0, rtol=0)
+
+
+def test_export_to_s3_equals_local(source: Path, tmp_path: Path, s3_bucket: str) -> None:
+    import s3fs
+
+    from aser.pipeline import storage
+
+    # The S3 leg goes through the same code with URLs instead of paths.
+    src_url = storage.join(s3_bucket, "src")
+    for p in source.iterdir():
+        storage.write_bytes_atomic(storage.join(src_url, p.name), p.read_bytes())
+    dest_url = storage.join(s3_bucket, "out")
+    local = tmp_path / "local"
+    _export(source, local, "w4a16")
+    _export_url(src_url, dest_url, "w4a16")
+    fs = s3fs.S3FileSystem()
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(local).as_posix()
+            assert fs.cat_file(f"{dest_url[5:]}/{rel}") == p.read_bytes(), rel
+
+
+def _export_url(src: str, dest: str, fmt: str) -> dict[str, dict[str, Lin]]:
+    """What the driver does, with round-to-nearest and random low-rank factors."""
+    from aser.pipeline import storage
+
+    source = sio.open_source(src)
+    L = json.loads(storage.read_text(storage.join(src, "config.json")))["num_hidden_layers"]
+    g = torch.Generator().manual_seed(1)
+    export.write_stage(dest, 0, L, sio.read_tensors(source, ["model.embed_tokens.weight"]))
+    parts = []
+    all_lins = {}
+    for i in range(L):
+        prefix = layer_prefix(i)
+        fp = {n[len(prefix):]: t for n, t in sio.read_tensors(source, source.names_with_prefix(prefix)).items()}
+        lins = {}
+        for name in LINEARS:
+            W = fp[f"{name}.weight"]
+            q, scale = quantize_weight(W, 4)
+            r = _rank(i, name)
+            L_A = 0.02 * torch.randn(W.shape[0], r, generator=g) if r else None
+            L_B = 0.02 * torch.randn(r, W.shape[1], generator=g) if r else None
+            lins[name] = Lin(q, scale, L_A, L_B)
+        base, adapter = export.layer_tensors(prefix, fp, lins, fmt, None)  # type: ignore[arg-type]
+        parts += [f for f in export.write_stage(dest, 1 + i, L, base, adapter) if f.startswith(export.ADAPTER_PARTS_DIR)]
+        all_lins[prefix] = lins
+    export.write_stage(dest, L + 1, L, sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"]))
+    export.finalize(dest, src, L, fmt, None, parts)  # type: ignore[arg-type]
+    return all_lins
