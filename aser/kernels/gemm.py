@@ -88,6 +88,11 @@ def _check_common(
     return N, r
 
 
+def _check_in_features(K: int, in_features: int) -> None:
+    if K != in_features:
+        raise ValueError(f"the input has {K} features but in_features is {in_features}")
+
+
 def _lowrank_reference(
     x: torch.Tensor, L_A: torch.Tensor | None, L_B: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -107,6 +112,7 @@ def w4a8_gemm_reference(
     """Pure-torch W4A8. q_x: (M, K) int8, s_x: (M, 1), w_packed: (N, ceil(K/8)) int32,
     w_scale: (N, 1), x: (M, K) float (needed when a low-rank term is given). Returns (M, N)."""
     M, K = q_x.shape
+    _check_in_features(K, in_features)
     N, _ = _check_common(M, K, w_packed, w_scale, L_A, L_B, bias, "separate")
     q_w = unpack_int4(w_packed, (N, K))
     # float64 is exact here: |q_x q_w| <= 1024, so any K below 2^43 sums without rounding,
@@ -131,6 +137,7 @@ def w4a16_gemm_reference(
 ) -> torch.Tensor:
     """Pure-torch W4A16. x: (M, K) float; the codes are applied in fp32, then the scale."""
     M, K = x.shape
+    _check_in_features(K, in_features)
     N, _ = _check_common(M, K, w_packed, w_scale, L_A, L_B, bias, "separate")
     q_w = unpack_int4(w_packed, (N, K))
     y = (x.float() @ q_w.float().T) * w_scale.float().reshape(1, N)
@@ -298,8 +305,9 @@ def w4a8_gemm_triton(
     blocks: GemmBlocks | None = None,
 ) -> torch.Tensor:
     """Triton W4A8; same contract as ``w4a8_gemm_reference``."""
-    if q_x.dtype != torch.int8 or q_x.shape[1] != in_features:
-        raise ValueError(f"q_x must be (M, {in_features}) int8, got {q_x.dtype} {tuple(q_x.shape)}")
+    if q_x.dtype != torch.int8:
+        raise ValueError(f"q_x must be int8 codes, got {q_x.dtype}")
+    _check_in_features(q_x.shape[1], in_features)
     dtype = out_dtype or (x.dtype if x is not None else s_x.dtype)
     return _launch(q_x, s_x, w_packed, w_scale, in_features, x, L_A, L_B, bias, dtype,
                    lowrank_mode, blocks, a8=True)
@@ -312,8 +320,7 @@ def w4a16_gemm_triton(
     lowrank_mode: LowRankMode = "separate", blocks: GemmBlocks | None = None,
 ) -> torch.Tensor:
     """Triton W4A16; same contract as ``w4a16_gemm_reference``."""
-    if x.shape[1] != in_features:
-        raise ValueError(f"x must be (M, {in_features}), got {tuple(x.shape)}")
+    _check_in_features(x.shape[1], in_features)
     return _launch(x, None, w_packed, w_scale, in_features, x, L_A, L_B, bias,
                    out_dtype or x.dtype, lowrank_mode, blocks, a8=False)
 
