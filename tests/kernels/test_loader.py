@@ -1,0 +1,111 @@
+"""load_aser_model / evaluate_dest: a hand-written DEST (per the output spec) loads into a
+transformers model of AserLinear and reproduces the fake-quantized simulation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from aser_dest_writer import LINEARS, fake_quant_model, write_dest
+from kernel_tolerances import rel_err, tol
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from aser.kernels.linear import AserLinear
+from aser.kernels.loader import AserLoadError, evaluate_dest, load_aser_model
+from aser.pipeline import data, evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    # intermediate 100: down_proj's K is not a multiple of 8 (a partial packed word)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ranks(model) -> dict[str, int]:
+    # different ranks per linear, so adapter_config carries a rank_pattern
+    return {f"model.layers.{i}.{lin}": (4 if lin.endswith(("q_proj", "down_proj")) else 2)
+            for i in range(model.config.num_hidden_layers) for lin in LINEARS}
+
+
+@pytest.mark.parametrize("a_bits", [8, None])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_end_to_end_matches_fake_quant(tiny_model, tmp_path: Path, a_bits, backend):
+    pieces = write_dest(tiny_model, tmp_path, a_bits, _ranks(tiny_model))
+    model = load_aser_model(str(tmp_path), backend=backend)
+    lin = model.model.layers[1].mlp.down_proj
+    assert isinstance(lin, AserLinear) and lin.rank == 4 and lin.a_bits == a_bits
+    assert not isinstance(model.lm_head, AserLinear)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids).logits
+        sim = fake_quant_model(tiny_model, pieces, a_bits)(ids).logits
+        fp = tiny_model(ids).logits
+    if a_bits == 8:
+        quant_error = float((fp.double() - sim.double()).abs().max())
+        assert quant_error > 0
+        assert float((out.double() - sim.double()).abs().max()) <= tol("e2e_w4a8_vs_quant_error") * quant_error
+    else:
+        assert rel_err(out, sim) <= tol("e2e_w4a16")
+
+
+@pytest.mark.parametrize("a_bits", [8, None])
+def test_transformers_reads_the_same_checkpoint(tiny_model, tmp_path: Path, a_bits):
+    """Rank 0: transformers' own compressed-tensors loader and ours agree, so the layout the
+    tests write (and the loader reads) is the one compressed-tensors defines."""
+    write_dest(tiny_model, tmp_path, a_bits, {})
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = load_aser_model(str(tmp_path), backend="torch")(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()(ids).logits
+        fp = tiny_model(ids).logits
+    if a_bits == 8:
+        quant_error = float((fp.double() - hf.double()).abs().max())
+        assert float((ours.double() - hf.double()).abs().max()) <= tol("e2e_w4a8_vs_quant_error") * quant_error
+    else:
+        assert rel_err(ours, hf) <= tol("e2e_w4a16")
+
+
+def test_clear_errors(tiny_model, tmp_path: Path):
+    write_dest(tiny_model, tmp_path, 8, {"model.layers.0.self_attn.q_proj": 2})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="float-quantized"))
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(AserLoadError, match="format"):
+        load_aser_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    adapter = tmp_path / "aser_adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(adapter))
+    t["base_model.model.lm_head.lora_A.weight"] = torch.zeros(2, 64)
+    t["base_model.model.lm_head.lora_B.weight"] = torch.zeros(256, 2)
+    save_file(t, str(adapter))
+    with pytest.raises(AserLoadError, match="lm_head"):
+        load_aser_model(str(tmp_path))
+
+
+def test_evaluate_dest_on_stories260k(stories_dir: Path, data_dir: Path, tmp_path: Path):
+    """A real tiny model (tied embeddings, GQA) and its tokenizer: evaluate_dest's perplexity
+    equals the fake-quantized simulation's on the same windows."""
+    fp = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+    ranks = {f"model.layers.{i}.{lin}": 4 for i in range(fp.config.num_hidden_layers) for lin in LINEARS}
+    pieces = write_dest(fp, tmp_path, 8, ranks)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (tmp_path / name).write_bytes((stories_dir / name).read_bytes())
+    (tmp_path / "aser_manifest.json").write_text(json.dumps({"config": {"method": {"method": "er", "rank": 4}}}))
+    text = data_dir / "tinystories" / "sample.txt"
+    out = evaluate_dest(str(tmp_path), str(text), seq_len=128, max_windows=4)
+    assert {"method", "rank", "w_bits", "a_bits", "seq_len", "ppl", "num_windows", "seconds"} <= set(out)
+    assert (out["method"], out["rank"], out["w_bits"], out["a_bits"]) == ("er", 4, 4, 8)
+    assert out["num_windows"] == 4 and out["seq_len"] == 128
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    windows = data.eval_windows(data.tokenize(tok, text.read_text()), 128, 4)
+    sim_ppl = evaluate.perplexity(fake_quant_model(fp, pieces, 8), windows)
+    assert math.isfinite(out["ppl"]) and out["ppl"] > 1
+    assert abs(out["ppl"] - sim_ppl) <= tol("ppl_vs_simulation") * sim_ppl
