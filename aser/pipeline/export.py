@@ -230,21 +230,60 @@ def adapter_part_name(stage: int) -> str:
     return f"{ADAPTER_PARTS_DIR}/stage-{stage:05d}.safetensors"
 
 
+def split_by_size(
+    tensors: Mapping[str, torch.Tensor], shard_size_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in sorted-name order, each piece at most ``shard_size_bytes`` of tensor data
+    (a single larger tensor gets a piece of its own); deterministic for the same input."""
+    pieces: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if pieces[-1] and used + nbytes > shard_size_bytes:
+            pieces.append({})
+            used = 0
+        pieces[-1][name] = tensors[name]
+        used += nbytes
+    return pieces
+
+
+def _stage_piece_name(stage: int, num_layers: int, piece: int, num_pieces: int) -> str:
+    name = stage_shard_name(stage, num_layers)
+    if num_pieces == 1:
+        return name
+    return name.replace(".safetensors", f"-part{piece + 1:03d}-of{num_pieces:03d}.safetensors")
+
+
+def stage_shard_names(dest: str, stage: int, num_layers: int) -> list[str]:
+    """The base shard(s) of ``stage`` present at ``dest`` (one, or its parts when split)."""
+    name = stage_shard_name(stage, num_layers)
+    stem = name[: -len(".safetensors")]
+    present = storage.list_dir(dest)
+    if name in present:
+        return [name]
+    return [n for n in present if n.startswith(stem + "-part") and n.endswith(".safetensors")]
+
+
 def write_stage(
     dest: str,
     stage: int,
     num_layers: int,
     base: Mapping[str, torch.Tensor],
     adapter: Mapping[str, torch.Tensor] | None = None,
+    shard_size_bytes: int | None = None,
 ) -> dict[str, FileRecord]:
-    """Write one stage's base shard (and its adapter part, if any), atomically.
+    """Write one stage's base shard(s) (and its adapter part, if any), each atomically.
 
-    Returns the files written, by name relative to ``dest``, for the manifest.
+    The stage is split into ``-partNNN-ofMMM`` pieces when its tensors exceed
+    ``shard_size_bytes`` (RunConfig.shard_size_bytes). Returns the files written, by name
+    relative to ``dest``, for the manifest.
     """
     written: dict[str, FileRecord] = {}
-    name = stage_shard_name(stage, num_layers)
-    sha, size = sio.write_shard(storage.join(dest, name), base)
-    written[name] = FileRecord(sha, size)
+    pieces = [dict(base)] if shard_size_bytes is None else split_by_size(base, shard_size_bytes)
+    for j, piece in enumerate(pieces):
+        name = _stage_piece_name(stage, num_layers, j, len(pieces))
+        sha, size = sio.write_shard(storage.join(dest, name), piece)
+        written[name] = FileRecord(sha, size)
     if adapter:
         part = adapter_part_name(stage)
         sha, size = sio.write_shard(storage.join(dest, part), adapter)
@@ -320,6 +359,25 @@ def finalize(
     Every stage shard must already be written; the index is built from their headers, so this
     works the same after a resume.
     """
+    # Check every stage before writing anything: a failed finalize leaves DEST as it was.
+    weight_map: dict[str, str] = {}
+    total = 0
+    for stage in range(num_stages(num_layers)):
+        names = stage_shard_names(dest, stage, num_layers)
+        if not names:
+            raise ExportError(
+                f"cannot finalize: {stage_shard_name(stage, num_layers)} (stage {stage}) is missing"
+            )
+        for name in names:
+            try:
+                header = sio.read_header(storage.join(dest, name), name)
+            except sio.SafetensorsError as e:
+                raise ExportError(f"cannot finalize: {e}") from e
+            for tname, info in header.tensors.items():
+                if tname in weight_map:
+                    raise ExportError(f"tensor {tname} is in both {weight_map[tname]} and {name}")
+                weight_map[tname] = name
+                total += info.end - info.start
     source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
     storage.write_text_atomic(
         storage.join(dest, CONFIG_NAME),
@@ -333,19 +391,6 @@ def finalize(
             copied.append(name)
     _write_adapter(dest, adapter_parts)
 
-    weight_map: dict[str, str] = {}
-    total = 0
-    for stage in range(num_stages(num_layers)):
-        name = stage_shard_name(stage, num_layers)
-        try:
-            header = sio.read_header(storage.join(dest, name), name)
-        except sio.SafetensorsError as e:
-            raise ExportError(f"cannot finalize: {e}") from e
-        for tname, info in header.tensors.items():
-            if tname in weight_map:
-                raise ExportError(f"tensor {tname} is in both {weight_map[tname]} and {name}")
-            weight_map[tname] = name
-            total += info.end - info.start
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     index_url = storage.join(dest, sio.INDEX_NAME)
     storage.write_text_atomic(index_url, json.dumps(index, indent=2, sort_keys=True) + "\n")

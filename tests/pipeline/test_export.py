@@ -180,7 +180,7 @@ def test_export_to_s3_equals_local(source: Path, tmp_path: Path, s3_bucket: str)
             assert fs.cat_file(f"{dest_url[5:]}/{rel}") == p.read_bytes(), rel
 
 
-def _export_url(src: str, dest: str, fmt: str) -> dict[str, dict[str, Lin]]:
+def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = None) -> dict[str, dict[str, Lin]]:
     """What the driver does, with round-to-nearest and random low-rank factors."""
     from aser.pipeline import storage
 
@@ -202,8 +202,37 @@ def _export_url(src: str, dest: str, fmt: str) -> dict[str, dict[str, Lin]]:
             L_B = 0.02 * torch.randn(r, W.shape[1], generator=g) if r else None
             lins[name] = Lin(q, scale, L_A, L_B)
         base, adapter = export.layer_tensors(prefix, fp, lins, fmt, None)  # type: ignore[arg-type]
-        parts += [f for f in export.write_stage(dest, 1 + i, L, base, adapter) if f.startswith(export.ADAPTER_PARTS_DIR)]
+        parts += [f for f in export.write_stage(dest, 1 + i, L, base, adapter, shard_size_bytes) if f.startswith(export.ADAPTER_PARTS_DIR)]
         all_lins[prefix] = lins
     export.write_stage(dest, L + 1, L, sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"]))
     export.finalize(dest, src, L, fmt, None, parts)  # type: ignore[arg-type]
     return all_lins
+
+
+def test_split_stages_load_like_whole_ones(source: Path, tmp_path: Path) -> None:
+    _export(source, tmp_path / "whole", "w4a8")
+    _export_url(str(source), str(tmp_path / "split"), "w4a8", shard_size_bytes=8192)
+    parts = sorted(p.name for p in (tmp_path / "split").glob("model-00002-of-00004-part*"))
+    assert len(parts) > 1 and parts[0] == f"model-00002-of-00004-part001-of{len(parts):03d}.safetensors"
+    index = json.loads((tmp_path / "split" / sio.INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) >= set(parts)
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "split").eval()(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_split_by_size_is_greedy_and_total() -> None:
+    t = {n: torch.zeros(k) for n, k in [("a", 10), ("b", 10), ("c", 30), ("d", 1)]}  # 4 bytes each
+    pieces = export.split_by_size(t, 80)
+    assert [sorted(p) for p in pieces] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_finalize_refuses_a_missing_stage(source: Path, tmp_path: Path) -> None:
+    _export(source, tmp_path, "w4a16")
+    (tmp_path / sio.INDEX_NAME).unlink()
+    (tmp_path / export.stage_shard_name(2, 2)).unlink()
+    with pytest.raises(export.ExportError, match=r"model-00003-of-00004.safetensors \(stage 2\) is missing"):
+        export.finalize(str(tmp_path), str(source), 2, "w4a16", None, [])
+    assert not (tmp_path / sio.INDEX_NAME).exists()
