@@ -53,7 +53,7 @@ class MethodConfig:
     alpha_grid: tuple[float, ...] = ()  # per-group search of α by the whitened error left
     outlier_grid: tuple[int, ...] = ()  # per-group search of f by the whitened error left
     damp: float = 1e-2  # (reading) λ of the whitening Cholesky, escalated ×10 on failure
-    svd: str = "exact"  # exact | randomized | auto (randomized when rank ≪ min(N, K))
+    svd: str = "auto"  # exact | randomized | auto (randomized when rank ≪ min(N, K))
     svd_niter: int = 4
     svd_oversample: int = 16
     rank_energy: float | None = None  # per-linear rank from the σ² energy kept
