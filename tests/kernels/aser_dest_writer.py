@@ -18,6 +18,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from aser.kernels.quant import dequantize_weight, fake_quantize_activation, pack_int4, quantize_weight
 
@@ -45,7 +46,7 @@ def quantization_config(a_bits: int | None) -> dict:
     return cfg.model_dump(exclude_none=True)
 
 
-def write_dest(model: nn.Module, dest: Path, a_bits: int | None, ranks: dict[str, int],
+def write_dest(model: PreTrainedModel, dest: Path, a_bits: int | None, ranks: dict[str, int],
                seed: int = 0) -> dict[str, QuantizedPieces]:
     """Quantize every decoder linear of ``model`` (RTN per channel) and add a low-rank term of
     the given rank per linear name (0 or absent: none): the top singular pairs of the error

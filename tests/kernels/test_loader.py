@@ -109,3 +109,38 @@ def test_evaluate_dest_on_stories260k(stories_dir: Path, data_dir: Path, tmp_pat
     sim_ppl = evaluate.perplexity(fake_quant_model(fp, pieces, 8), windows)
     assert math.isfinite(out["ppl"]) and out["ppl"] > 1
     assert abs(out["ppl"] - sim_ppl) <= tol("ppl_vs_simulation") * sim_ppl
+
+
+@pytest.mark.parametrize("fmt,a_bits", [("w4a8", 8), ("w4a16", None)])
+def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bits):
+    """Integration with aser/pipeline/export.py: its per-layer tensors, config and adapter
+    config, put in one file, load to the same model as the test writer's DEST."""
+    from safetensors.torch import save_file
+
+    from aser.pipeline import export
+
+    ours = tmp_path / "ours"
+    pieces = write_dest(tiny_model, ours, a_bits, _ranks(tiny_model))
+    theirs = tmp_path / "theirs"
+    (theirs / "aser_adapter").mkdir(parents=True)
+    sd = tiny_model.state_dict()
+    base: dict[str, torch.Tensor] = {k: v for k, v in sd.items() if not k.startswith("model.layers.")}
+    adapter: dict[str, torch.Tensor] = {}
+    for i in range(tiny_model.config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        fp = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        lins = {lin: pieces[prefix + lin] for lin in LINEARS}
+        b, a = export.layer_tensors(prefix, fp, lins, fmt, None)
+        base.update(b)
+        adapter.update(a)
+    save_file({k: v.contiguous() for k, v in base.items()}, str(theirs / "model.safetensors"))
+    save_file(adapter, str(theirs / "aser_adapter" / "adapter_model.safetensors"))
+    cfg = export.output_config(tiny_model.config.to_dict(), fmt, None)
+    (theirs / "config.json").write_text(json.dumps(cfg))
+    (theirs / "aser_adapter" / "adapter_config.json").write_text(
+        json.dumps(export.adapter_config(_ranks(tiny_model)), default=str))
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a_logits = load_aser_model(str(ours), backend="torch")(ids).logits
+        b_logits = load_aser_model(str(theirs), backend="torch")(ids).logits
+    assert torch.equal(a_logits, b_logits)

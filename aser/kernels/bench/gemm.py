@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from aser.kernels.act_quant import quantize_activation_int8
+from aser.kernels.backend import Backend
 from aser.kernels.gemm import GemmBlocks, w4a8_gemm, w4a16_gemm
 from aser.kernels.quant import pack_int4
 
@@ -80,7 +81,7 @@ def _best(fns: dict[str, Callable[[], object]], timer: Callable[[Callable[[], ob
 
 def bench_shape(M: int, K: int, N: int, r: int, device: str, smoke: bool) -> dict[str, object]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    backend = "triton" if device == "cuda" else "torch"
+    backend: Backend = "triton" if device == "cuda" else "torch"
     timer = _time_cuda if device == "cuda" else _time_cpu
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(M, K, device=device, dtype=dtype, generator=g)
