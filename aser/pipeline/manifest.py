@@ -82,6 +82,8 @@ class Manifest:
     versions: dict[str, str]
     layers: dict[int, LayerRecord] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
+    # Run-level figures written at the end (peak RSS per process, seconds per stage, totals).
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -105,6 +107,7 @@ class Manifest:
                 calibration_sha256=d["calibration_sha256"],
                 versions=d["versions"],
                 layers=layers,
+                summary=dict(d.get("summary", {})),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):
@@ -245,8 +248,20 @@ def finished_layers(manifest: Manifest, dest: str) -> set[int]:
     return done
 
 
-def _state_url(dest: str, worker_rank: int) -> str:
-    return storage.join(dest, STATE_DIR, f"worker-{worker_rank:05d}.pt")
+def _state_url(dest: str, worker_rank: int, next_layer: int) -> str:
+    return storage.join(dest, STATE_DIR, f"worker-{worker_rank:05d}-next-{next_layer:05d}.pt")
+
+
+def _state_layers(dest: str, worker_rank: int) -> list[int]:
+    prefix = f"worker-{worker_rank:05d}-next-"
+    out = []
+    for name in storage.list_dir(storage.join(dest, STATE_DIR)):
+        if name.startswith(prefix) and name.endswith(".pt"):
+            try:
+                out.append(int(name[len(prefix) : -len(".pt")]))
+            except ValueError:
+                continue
+    return sorted(out)
 
 
 def save_worker_state(
@@ -254,20 +269,29 @@ def save_worker_state(
 ) -> None:
     """Persist one worker's calibration state at a layer boundary (atomically).
 
-    ``next_layer``: the layer these hidden states are the input of. ``tensors`` e.g.
-    {"hidden": (B, T, H)}, moved to CPU.
+    ``next_layer``: the layer these hidden states are the input of; it is part of the file name,
+    so states of several boundaries coexist (with overlap, a worker is ahead of the layers the
+    manifest records as done). ``tensors`` e.g. {"hidden": (B, T, H)}, moved to CPU.
     """
     buf = io.BytesIO()
     torch.save(
         {"next_layer": int(next_layer), "tensors": {k: v.detach().cpu() for k, v in tensors.items()}},
         buf,
     )
-    storage.write_bytes_atomic(_state_url(dest, worker_rank), buf.getvalue())
+    storage.write_bytes_atomic(_state_url(dest, worker_rank, next_layer), buf.getvalue())
 
 
-def load_worker_state(dest: str, worker_rank: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(next_layer, tensors) saved by ``save_worker_state``, or None if there is none."""
-    url = _state_url(dest, worker_rank)
+def load_worker_state(
+    dest: str, worker_rank: int, next_layer: int | None = None
+) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(next_layer, tensors) saved by ``save_worker_state`` for ``next_layer`` (default: the
+    latest one saved), or None if there is none."""
+    if next_layer is None:
+        present = _state_layers(dest, worker_rank)
+        if not present:
+            return None
+        next_layer = present[-1]
+    url = _state_url(dest, worker_rank, next_layer)
     if not storage.exists(url):
         return None
     try:
@@ -278,6 +302,18 @@ def load_worker_state(dest: str, worker_rank: int) -> tuple[int, dict[str, torch
             f"calibration state {storage.redact(url)} is corrupt ({e}); delete "
             f"{STATE_DIR}/ to recompute it"
         ) from e
+
+
+def has_worker_state(dest: str, worker_rank: int, next_layer: int) -> bool:
+    return storage.exists(_state_url(dest, worker_rank, next_layer))
+
+
+def prune_worker_states(dest: str, worker_rank: int, before_layer: int) -> None:
+    """Delete the worker's states of boundaries before ``before_layer`` (no longer needed:
+    every layer before it is recorded done)."""
+    for k in _state_layers(dest, worker_rank):
+        if k < before_layer:
+            storage.remove(_state_url(dest, worker_rank, k))
 
 
 def clear_state(dest: str) -> None:

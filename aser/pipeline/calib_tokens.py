@@ -1,0 +1,72 @@
+"""The calibration token ids of a run: from the source's tokenizer and the calibration text.
+
+The driver computes them once (they are small: num_samples x seq_len int64), hashes them into
+the manifest, and hands each worker its contiguous share.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aser.pipeline import data, storage
+from aser.pipeline.config import RunConfig
+
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "config.json",
+    "generation_config.json",
+)
+# Without calibration text the samples are drawn from the model itself, which needs the whole
+# model in the driver: allowed for small local checkpoints only.
+SELF_GENERATE_MAX_BYTES = 2 * 1024**3
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def load_tokenizer(source_url: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if _is_local(source_url):
+        return AutoTokenizer.from_pretrained(source_url.removeprefix("file://"))
+    with tempfile.TemporaryDirectory(prefix="aser-tok-") as tmp:
+        for name in TOKENIZER_FILES:
+            url = storage.join(source_url, name)
+            if storage.exists(url):
+                (Path(tmp) / name).write_bytes(storage.read_bytes(url))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def calibration_tokens(config: RunConfig, source_url: str, source_size_bytes: int) -> tuple[torch.Tensor, str]:
+    """(token ids (num_samples, seq_len) int64, a description of where they came from)."""
+    calib = config.calib
+    tok = load_tokenizer(source_url)
+    if calib.source is not None:
+        ids = data.tokenize(tok, data.load_text(calib.source))
+        windows = data.calibration_windows(ids, calib.num_samples, calib.seq_len, calib.seed)
+        return windows, f"{storage.redact(calib.source)} ({ids.numel()} tokens)"
+    if not _is_local(source_url) or source_size_bytes > SELF_GENERATE_MAX_BYTES:
+        raise data.DataError(
+            "calib.source is required for this source: without calibration text the samples are "
+            f"drawn from the model itself, which the driver does only for local checkpoints under "
+            f"{SELF_GENERATE_MAX_BYTES // 1024**3} GiB (pass --calib TEXT_URL)"
+        )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source_url.removeprefix("file://")).eval()
+    print("[aser] no --calib given: sampling calibration text from the model itself", file=sys.stderr)
+    windows = data.self_generated_windows(model, tok, calib.num_samples, calib.seq_len, calib.seed)
+    del model
+    return windows, "self-generated (sampled from the model; no calibration text given)"

@@ -1,0 +1,379 @@
+"""The driver loop of ``aser quantize``: plan, manifest, workers, layer by layer, finalize.
+
+Per DESIGN.md: the driver holds metadata only (the plan, the manifest, object refs). Per layer
+it asks every calibration actor for its partial statistics, hands them (unfetched) to a
+smoothing task that reduces them in rank order, spreads one reconstruction task per linear over
+the cluster, and a writer task packs and writes the layer; the manifest records it once the
+writer is done. With ``propagate = "fp"`` the actors move on to layer i+1 at once, so forward
+passes, SVDs and writes of neighbouring layers overlap (at most ``MAX_INFLIGHT_LAYERS`` behind);
+with ``"quantized"`` the actors' next inputs wait for layer i's quantized linears.
+
+Resume: the manifest fingerprints source, config and calibration; finished layers are skipped;
+workers reload their hidden states at the first unfinished layer's boundary. A calibration actor
+that dies mid-run is recovered the same way, with new actors (``MAX_RECOVERIES``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from aser.pipeline import export, manifest, storage
+from aser.pipeline.calib_tokens import calibration_tokens
+from aser.pipeline.config import RunConfig
+from aser.pipeline.plan import Plan, make_plan
+from aser.workers import layer_tasks
+from aser.workers.calibration import StepInfo, process_info
+from aser.workers.ray_actors import calibration_actor, remote_functions
+
+# Layers whose reconstruction/write may still run while the actors move on (propagate = fp).
+# Bounds the object store and the driver's refs to a constant, whatever the depth.
+MAX_INFLIGHT_LAYERS = 2
+# New sets of calibration actors after one dies, before the run gives up.
+MAX_RECOVERIES = 2
+EMBED_INDEX = -1  # manifest index of the embedding stage; the head is num_layers
+
+
+class PipelineError(ValueError):
+    """The run cannot proceed; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    dest: str
+    status: str  # "complete" | "already complete"
+    manifest: manifest.Manifest
+    wall_s: float
+
+
+@dataclass
+class _Pending:
+    layer: int
+    writer: Any
+    collect_infos: list[Any]
+    advance_infos: list[Any]
+
+
+@dataclass
+class _Ctx:
+    config: RunConfig
+    plan: Plan
+    tokens: torch.Tensor
+    mf: manifest.Manifest
+    fns: dict[str, Any]
+    on_layer: Callable[[int], None]
+    kill_after: str | None
+    kill_worker: tuple[int, int] | None
+    processes: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.config.dest
+
+
+def _note_processes(ctx: _Ctx, procs: list[dict[str, Any]]) -> None:
+    # A Ray worker process serves several roles over a run (smooth, reconstruct, write).
+    for p in procs:
+        old = ctx.processes.setdefault(int(p["pid"]), {"pid": int(p["pid"]), "role": p["role"], "peak_rss_bytes": 0})
+        roles = set(old["role"].split("+")) | {p["role"]}
+        old["role"] = "+".join(sorted(roles))
+        old["peak_rss_bytes"] = max(int(old["peak_rss_bytes"]), int(p["peak_rss_bytes"]))
+
+
+def _maybe_kill(ctx: _Ctx, point: str) -> None:
+    if ctx.kill_after == point:
+        # Test hook: die as a crash would, no cleanup, no flush.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save(ctx: _Ctx) -> None:
+    manifest.save_manifest(ctx.dest, ctx.mf)
+
+
+def _record_copy(ctx: _Ctx, index: int, written: layer_tasks.StageWritten) -> None:
+    _note_processes(ctx, written.processes)
+    ctx.mf.record_layer(
+        manifest.LayerRecord(
+            index=index, status=manifest.LAYER_DONE, files=written.files, seconds=written.seconds,
+            bytes_read=written.bytes_read, bytes_written=written.bytes_written,
+        )
+    )
+    _save(ctx)
+
+
+def _merge_seconds(infos: list[StepInfo], into: dict[str, float]) -> None:
+    # Workers run in parallel: a stage takes as long as its slowest worker.
+    for info in infos:
+        for k, v in info.seconds.items():
+            into[k] = max(into.get(k, 0.0), v)
+
+
+def _record_layer(ctx: _Ctx, p: _Pending) -> None:
+    written: layer_tasks.StageWritten = ray.get(p.writer)
+    collect_infos: list[StepInfo] = ray.get(p.collect_infos)
+    advance_infos: list[StepInfo] = ray.get(p.advance_infos)
+    seconds: dict[str, float] = {}
+    _merge_seconds(collect_infos, seconds)
+    _merge_seconds(advance_infos, seconds)
+    seconds.update(written.seconds)
+    for info in collect_infos + advance_infos:
+        _note_processes(ctx, [info.process])
+    _note_processes(ctx, written.processes)
+    ctx.mf.record_layer(
+        manifest.LayerRecord(
+            index=p.layer,
+            status=manifest.LAYER_DONE,
+            files=written.files,
+            metrics=written.metrics,
+            seconds=seconds,
+            bytes_read=written.bytes_read + sum(i.bytes_read for i in collect_infos),
+            bytes_written=written.bytes_written + sum(i.bytes_written for i in advance_infos),
+        )
+    )
+    _save(ctx)
+    for rank in range(ctx.config.workers.num_workers):
+        manifest.prune_worker_states(ctx.dest, rank, p.layer + 1)
+    ctx.on_layer(p.layer)
+    _maybe_kill(ctx, f"layer:{p.layer}")
+
+
+def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]:
+    """New calibration actors holding the inputs of layer ``start`` (or of an earlier layer
+    when the states of that boundary are gone). Returns (actors, the layer they are at)."""
+    cfg = ctx.config
+    wc = cfg.workers
+    Actor = calibration_actor(wc.num_cpus_per_worker, wc.num_gpus_per_worker)
+    num_threads = max(1, int(wc.num_cpus_per_worker))
+    actors = []
+    for rank in range(wc.num_workers):
+        kill = ctx.kill_worker[1] if ctx.kill_worker and ctx.kill_worker[0] == rank and attempt == 0 else None
+        actors.append(
+            Actor.remote(ctx.plan.source_url, ctx.plan.config_dict, ctx.dest, rank, cfg.method, num_threads, kill)
+        )
+    if start > 0 and all(manifest.has_worker_state(ctx.dest, r, start) for r in range(wc.num_workers)):
+        if all(ray.get([a.restore.remote(start) for a in actors])):
+            return actors, start
+    shards = torch.tensor_split(ctx.tokens, wc.num_workers)
+    infos = ray.get([a.embed.remote(s) for a, s in zip(actors, shards, strict=True)])
+    _note_processes(ctx, [i.process for i in infos])
+    if cfg.propagate == "quantized":
+        return actors, 0  # the inputs of layer k depend on the quantized layers before it: redo them
+    for i in range(start):
+        ray.get([a.forward_fp.remote(i) for a in actors])
+    return actors, start
+
+
+def _run_layers(ctx: _Ctx, attempt: int) -> None:
+    plan, cfg, fns = ctx.plan, ctx.config, ctx.fns
+    L = plan.num_layers
+    done = manifest.finished_layers(ctx.mf, ctx.dest)
+    copies = []
+    if EMBED_INDEX not in done:
+        copies.append((EMBED_INDEX, fns["copy_stage"].remote(
+            plan.source_url, ctx.dest, 0, L, list(plan.embed_names), cfg.shard_size_bytes)))
+    if L not in done:
+        copies.append((L, fns["copy_stage"].remote(
+            plan.source_url, ctx.dest, L + 1, L, list(plan.head_names), cfg.shard_size_bytes)))
+    todo = [i for i in range(L) if i not in done]
+    if todo:
+        actors, start = _start_workers(ctx, todo[0], attempt)
+        try:
+            _layer_loop(ctx, actors, start)
+        finally:
+            for a in actors:
+                ray.kill(a)
+    for index, ref in copies:
+        _record_copy(ctx, index, ray.get(ref))
+    _maybe_kill(ctx, "copies")
+
+
+def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
+    plan, cfg, fns = ctx.plan, ctx.config, ctx.fns
+    L = plan.num_layers
+    fmt, gs = cfg.output_format, cfg.method.group_size
+    n_out = layer_tasks.smooth_outputs(plan.config_dict)
+    group_of = layer_tasks.linear_group_index(plan.config_dict)
+    n_groups = n_out - 1 - len(group_of)
+    linear_names = list(plan.linear_names)
+    pending: list[_Pending] = []
+    for i in range(start, L):
+        collected = [a.collect.options(num_returns=2).remote(i) for a in actors]
+        outs = fns["smooth"].options(num_returns=n_out).remote(
+            plan.source_url, plan.config_dict, i, cfg.method, *[c[0] for c in collected]
+        )
+        meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
+        results = [
+            fns["reconstruct"].remote(w, payloads[g], cfg.method) for w, g in zip(weights, group_of, strict=True)
+        ]
+        writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results)
+        if cfg.propagate == "fp":
+            advanced = [a.advance.remote(i) for a in actors]
+        else:
+            advanced = [a.propagate_quantized.remote(i, meta, linear_names, *results) for a in actors]
+        del outs, meta, payloads, weights, results
+        pending.append(_Pending(i, writer, [c[1] for c in collected], advanced))
+        # Record finished layers in order; wait only when too many are in flight.
+        while pending and (
+            len(pending) > MAX_INFLIGHT_LAYERS or not ray.wait([pending[0].writer], timeout=0)[1]
+        ):
+            _record_layer(ctx, pending.pop(0))
+    while pending:
+        _record_layer(ctx, pending.pop(0))
+
+
+def _init_ray(config: RunConfig) -> bool:
+    """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
+    if config.ray_address:
+        ray.init(address=config.ray_address, **kw)
+    else:
+        wc = config.workers
+        # Actors hold their CPUs for the whole run; the tasks need at least one more.
+        need = math.ceil(wc.num_workers * wc.num_cpus_per_worker) + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), **kw)
+    return True
+
+
+def _unwrap(e: RayTaskError) -> BaseException:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+def run(
+    config: RunConfig,
+    *,
+    show_progress: bool = True,
+    kill_after: str | None = None,
+    kill_worker: tuple[int, int] | None = None,
+) -> RunResult:
+    """Quantize ``config.source`` into ``config.dest``.
+
+    kill_after / kill_worker: test hooks (crash the driver after a point: ``layer:I``,
+    ``copies``, ``finalize``; or worker RANK mid-way through layer I), never set in production.
+    """
+    t0 = time.perf_counter()
+    plan = make_plan(config)
+    size = sum(s.size_bytes for s in plan.index.shards.values())
+    tokens, calib_desc = calibration_tokens(config, plan.source_url, size)
+    calib_sha = manifest.calibration_sha256(tokens)
+    try:
+        existing = manifest.load_manifest(config.dest)
+    except OSError as e:
+        raise PipelineError(f"cannot read DEST {storage.redact(config.dest)}: {e}") from e
+    if existing is not None:
+        manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
+    if manifest.is_finished(config.dest):
+        if existing is None:
+            raise PipelineError(
+                f"{storage.redact(config.dest)} already holds a checkpoint not written by aser "
+                f"(no {manifest.MANIFEST_NAME}); choose another DEST"
+            )
+        print(f"[aser] {storage.redact(config.dest)} is already complete; nothing to do", file=sys.stderr)
+        return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
+    mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
+    mf.summary["calibration"] = calib_desc
+    try:
+        manifest.save_manifest(config.dest, mf)
+    except OSError as e:
+        raise PipelineError(f"DEST {storage.redact(config.dest)} is not writable: {e}") from e
+
+    from tqdm import tqdm
+
+    done0 = len([i for i in manifest.finished_layers(mf, config.dest) if 0 <= i < plan.num_layers])
+    bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
+               disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+    ctx = _Ctx(config, plan, tokens, mf, remote_functions(), lambda _i: bar.update(1), kill_after, kill_worker)
+    owned = _init_ray(config)
+    try:
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                _run_layers(ctx, attempt)
+                break
+            except RayActorError as e:
+                if attempt == MAX_RECOVERIES:
+                    raise PipelineError(
+                        f"calibration workers died {attempt + 1} times; giving up ({e}). Rerun the "
+                        "same command to resume from the last finished layer"
+                    ) from e
+                print(f"\n[aser] a calibration worker died ({type(e).__name__}); resuming at the last "
+                      "finished layer with new workers", file=sys.stderr)
+        bar.close()
+        _maybe_kill(ctx, "finalize")
+        parts = sorted({name for rec in mf.layers.values() for name in rec.files
+                        if name.startswith(export.ADAPTER_PARTS_DIR)})
+        t_fin = time.perf_counter()
+        fin, proc = ray.get(ctx.fns["finalize"].remote(
+            config.dest, plan.source_url, plan.num_layers, config.output_format, config.method.group_size, parts))
+        _note_processes(ctx, [proc])
+    except RayTaskError as e:
+        cause = _unwrap(e)
+        if isinstance(cause, (ValueError, OSError)):
+            raise PipelineError(f"{type(cause).__name__}: {cause}") from cause
+        raise
+    finally:
+        bar.close()
+        if owned:
+            ray.shutdown()
+    _note_processes(ctx, [process_info("driver")])
+    wall = time.perf_counter() - t0
+    mf.summary.update(_summary(ctx, wall, time.perf_counter() - t_fin, fin))
+    _save(ctx)
+    manifest.clear_state(config.dest)
+    return RunResult(config.dest, "complete", mf, wall)
+
+
+def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeResult) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    for rec in ctx.mf.layers.values():
+        for k, v in rec.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + float(v)
+    seconds["finalize"] = finalize_s
+    procs = sorted(ctx.processes.values(), key=lambda p: (p["role"], p["pid"]))
+    return {
+        "wall_s": wall_s,
+        "stage_seconds_total": seconds,
+        "bytes_read": sum(r.bytes_read for r in ctx.mf.layers.values()),
+        "bytes_written": sum(r.bytes_written for r in ctx.mf.layers.values()),
+        "num_tensors": fin.num_tensors,
+        "total_size_bytes": fin.total_size_bytes,
+        "num_workers": ctx.config.workers.num_workers,
+        "processes": procs,
+    }
+
+
+def summary_table(mf: manifest.Manifest) -> str:
+    """Per layer: mean relative output error before/after, ranks, seconds per stage, MB."""
+    stages = ("load", "forward", "smooth", "reconstruct", "write")
+    head = f"{'layer':>5} {'err before':>10} {'err after':>10} {'rank':>5} " + " ".join(f"{s:>11}" for s in stages)
+    lines = [head + f" {'MB read':>8} {'MB written':>10}"]
+    for idx in sorted(mf.layers):
+        rec = mf.layers[idx]
+        lin = [m for k, m in rec.metrics.items() if not k.startswith("group:")]
+        if not lin:
+            continue
+        before = sum(m["rel_error_before"] for m in lin) / len(lin)
+        after = sum(m["rel_error_after"] for m in lin) / len(lin)
+        ranks = sorted({int(m["rank"]) for m in lin})
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        secs = " ".join(f"{rec.seconds.get(s, 0.0):>10.2f}s" for s in stages)
+        lines.append(f"{idx:>5} {before:>10.4f} {after:>10.4f} {rank:>5} {secs} "
+                     f"{rec.bytes_read / 1e6:>8.2f} {rec.bytes_written / 1e6:>10.2f}")
+    s = mf.summary
+    if s:
+        lines.append(f"wall {s.get('wall_s', 0.0):.1f} s; read {s.get('bytes_read', 0) / 1e6:.1f} MB, "
+                     f"wrote {s.get('bytes_written', 0) / 1e6:.1f} MB")
+        for p in s.get("processes", []):
+            lines.append(f"  peak RSS {p['role']:<12} pid {p['pid']:<8} {p['peak_rss_bytes'] / 2**20:8.1f} MiB")
+    return "\n".join(lines)

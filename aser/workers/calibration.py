@@ -1,0 +1,237 @@
+"""The calibration worker: holds its shard of calibration hidden states and walks the layers.
+
+A plain class (no Ray here; ``ray_actors`` makes it an actor). Per layer ``i`` the driver calls
+``collect(i)`` (read layer i's tensors by byte range, build it with transformers' classes,
+forward the shard with statistics hooks: partial per-group statistics out, FP outputs kept),
+then ``advance(i)`` (``propagate = "fp"``: the FP outputs become the next layer's inputs) or
+``propagate_quantized(i, ...)`` (the inputs go through the quantized layer instead). Each
+boundary is persisted (``manifest.save_worker_state``) so that a restarted run resumes there.
+
+Memory: the shard's inputs and outputs, one layer's tensors, and one batch's activations — a
+function of layer size and calibration size, never of depth.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from aser.pipeline import layers as layer_io
+from aser.pipeline import manifest
+from aser.pipeline import safetensors_io as sio
+from aser.pipeline.simulate import install_quantized
+from aser.workers.arch import groups_for
+from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer
+from aser.workers.stats import GroupStats, attach_stat_hooks
+
+# Calibration sequences forwarded at once. The same as ``simulate.apply_method``'s default, so a
+# one-worker run groups the fp32 per-batch Gram sums exactly as the in-process reference does.
+FORWARD_BATCH_SIZE = 8
+EMBED_WEIGHT = "model.embed_tokens.weight"
+
+
+def hf_config(config_dict: Mapping[str, Any]) -> PretrainedConfig:
+    """The transformers config of ``config.json``'s contents, with the attention implementation
+    fixed for standalone layers (``layers.layer_config``)."""
+    d = dict(config_dict)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("config.json has no model_type")
+    return layer_io.layer_config(AutoConfig.for_model(model_type, **d))
+
+
+def expected_layer_tensors(config: PretrainedConfig, layer_idx: int) -> list[str]:
+    """Relative names of the tensors decoder layer ``layer_idx`` holds (built on meta: free)."""
+    layer_cls, _ = layer_io._classes(config)
+    with torch.device("meta"):
+        layer = layer_cls(config, layer_idx)
+    return sorted(layer.state_dict())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def process_info(role: str) -> dict[str, Any]:
+    return {"pid": os.getpid(), "role": role, "peak_rss_bytes": peak_rss_bytes()}
+
+
+@dataclass
+class StepInfo:
+    """What one call did, for the manifest: seconds per stage, bytes moved, the process's RSS."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    process: dict[str, Any] = field(default_factory=dict)
+
+
+class CalibrationWorker:
+    """One shard of the calibration set, walked through the decoder layers.
+
+    source_url: the checkpoint (already resolved, e.g. a local dir or s3:// URL);
+    config_dict: its config.json; dest: the output URL (for the boundary states);
+    rank: this worker's index (its states' names); num_threads: torch intra-op threads, fixed so
+    that the same worker count gives the same bytes; kill_at_layer: a test hook, the process
+    SIGKILLs itself halfway through ``collect`` of that layer.
+    """
+
+    def __init__(
+        self,
+        source_url: str,
+        config_dict: Mapping[str, Any],
+        dest: str,
+        rank: int,
+        method: MethodConfig,
+        num_threads: int = 1,
+        kill_at_layer: int | None = None,
+    ) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.source = sio.open_source(source_url)
+        self.config = hf_config(config_dict)
+        self.rotary = layer_io.build_rotary(self.config)
+        self.dest = dest
+        self.rank = rank
+        self.method = method
+        self.kill_at_layer = kill_at_layer
+        self.hidden: torch.Tensor | None = None  # (S_r, T, H): inputs of layer `next_layer`
+        self.out: torch.Tensor | None = None  # FP outputs of the layer last collected
+        self.next_layer = 0
+
+    # ------------------------------------------------------------ start
+
+    def embed(self, tokens: torch.Tensor) -> StepInfo:
+        """tokens: (S_r, T) int64, this worker's calibration sequences -> layer 0's inputs."""
+        t0 = time.perf_counter()
+        info = self.source.tensors[EMBED_WEIGHT]
+        weight = sio.read_tensors(self.source, [EMBED_WEIGHT])[EMBED_WEIGHT]
+        self.hidden = torch.nn.functional.embedding(tokens, weight)
+        del weight
+        self.out = None
+        self.next_layer = 0
+        return StepInfo({"embed": time.perf_counter() - t0}, info.end - info.start, 0, process_info("calibration"))
+
+    def restore(self, next_layer: int) -> bool:
+        """Load the inputs of ``next_layer`` saved at that boundary; False if there are none."""
+        state = manifest.load_worker_state(self.dest, self.rank, next_layer)
+        if state is None:
+            return False
+        self.next_layer, tensors = state
+        self.hidden = tensors["hidden"]
+        self.out = None
+        return True
+
+    # ------------------------------------------------------------ per layer
+
+    def _load(self, layer_idx: int) -> tuple[torch.nn.Module, int]:
+        prefix = layer_io.layer_prefix(layer_idx)
+        names = [prefix + n for n in expected_layer_tensors(self.config, layer_idx)]
+        tensors = sio.read_tensors(self.source, names)
+        nbytes = sum(self.source.tensors[n].end - self.source.tensors[n].start for n in names)
+        layer = layer_io.build_layer(self.config, layer_idx, {n[len(prefix):]: t for n, t in tensors.items()})
+        return layer, nbytes
+
+    def _check_at(self, layer_idx: int) -> torch.Tensor:
+        if self.hidden is None or self.next_layer != layer_idx:
+            raise RuntimeError(
+                f"worker {self.rank} holds the inputs of layer {self.next_layer}, asked for {layer_idx}"
+            )
+        return self.hidden
+
+    def _forward(self, layer: torch.nn.Module, layer_idx: int, hidden: torch.Tensor, kill: bool = False) -> torch.Tensor:
+        outs = []
+        starts = range(0, hidden.shape[0], FORWARD_BATCH_SIZE)
+        kill_batch = min(1, len(starts) - 1) if kill else -1
+        for b, start in enumerate(starts):
+            if b == kill_batch:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-layer
+            batch = hidden[start : start + FORWARD_BATCH_SIZE]
+            inputs = layer_io.prepare_inputs(self.config, self.rotary, batch)
+            outs.append(layer_io.run_layer(layer, self.config, layer_idx, batch, inputs))
+        return torch.cat(outs) if outs else hidden.clone()
+
+    @torch.no_grad()
+    def collect(self, layer_idx: int) -> tuple[dict[str, GroupStats], StepInfo]:
+        """Forward the shard through FP layer ``layer_idx`` with statistics hooks.
+
+        Returns this shard's partial per-group statistics (fp64) and what the call did; keeps
+        the FP outputs for ``advance``.
+        """
+        hidden = self._check_at(layer_idx)
+        t0 = time.perf_counter()
+        layer, nbytes = self._load(layer_idx)
+        t1 = time.perf_counter()
+        handles, accs = attach_stat_hooks(layer, groups_for(self.config))
+        try:
+            self.out = self._forward(layer, layer_idx, hidden, kill=self.kill_at_layer == layer_idx)
+        finally:
+            for h in handles:
+                h.remove()
+        stats = {name: acc.result() for name, acc in accs.items()}
+        t2 = time.perf_counter()
+        return stats, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, process_info("calibration"))
+
+    def _save(self) -> tuple[float, int]:
+        assert self.hidden is not None
+        t0 = time.perf_counter()
+        manifest.save_worker_state(self.dest, self.rank, self.next_layer, {"hidden": self.hidden})
+        nbytes = self.hidden.numel() * self.hidden.element_size()
+        return time.perf_counter() - t0, nbytes
+
+    def advance(self, layer_idx: int) -> StepInfo:
+        """``propagate = "fp"``: layer ``layer_idx``'s FP outputs become the next inputs."""
+        self._check_at(layer_idx)
+        if self.out is None:
+            raise RuntimeError(f"worker {self.rank}: advance({layer_idx}) before collect({layer_idx})")
+        self.hidden, self.out = self.out, None
+        self.next_layer = layer_idx + 1
+        save_s, nbytes = self._save()
+        return StepInfo({"save_state": save_s}, 0, nbytes, process_info("calibration"))
+
+    @torch.no_grad()
+    def forward_fp(self, layer_idx: int) -> StepInfo:
+        """Forward through FP layer ``layer_idx`` without statistics (catching up on resume)."""
+        hidden = self._check_at(layer_idx)
+        t0 = time.perf_counter()
+        layer, nbytes = self._load(layer_idx)
+        self.hidden = self._forward(layer, layer_idx, hidden)
+        self.next_layer = layer_idx + 1
+        return StepInfo({"forward": time.perf_counter() - t0}, nbytes, 0, process_info("calibration"))
+
+    @torch.no_grad()
+    def propagate_quantized(
+        self, layer_idx: int, meta: Any, linear_names: list[str], *results: LinearResult
+    ) -> StepInfo:
+        """``propagate = "quantized"``: forward the inputs through the quantized layer.
+
+        meta: the smoothing task's ``LayerMeta`` (folded FP tensors without the quantized
+        weights); results: one ``LinearResult`` per name in ``linear_names``.
+        """
+        hidden = self._check_at(layer_idx)
+        t0 = time.perf_counter()
+        by_name = dict(zip(linear_names, results, strict=True))
+        tensors = dict(meta.tensors)
+        for name, res in by_name.items():
+            # A placeholder of the right shape: install_quantized replaces the linear anyway.
+            tensors[f"{name}.weight"] = torch.zeros(res.q.shape, dtype=res.scale.dtype)
+        layer = layer_io.build_layer(self.config, layer_idx, tensors)
+        sm = SmoothedLayer(tensors=dict(meta.tensors), stats={}, outliers={}, choices={})
+        install_quantized(layer, sm, by_name, self.method)
+        self.hidden = self._forward(layer, layer_idx, hidden)
+        self.out = None
+        self.next_layer = layer_idx + 1
+        t1 = time.perf_counter()
+        save_s, nbytes = self._save()
+        return StepInfo({"forward_quantized": t1 - t0, "save_state": save_s}, 0, nbytes, process_info("calibration"))
+
+    def ping(self) -> dict[str, Any]:
+        return process_info("calibration")

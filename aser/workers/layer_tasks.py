@@ -1,0 +1,210 @@
+"""The stateless per-layer work of a run, as pure functions (``ray_actors`` makes them tasks).
+
+- ``smooth_task``: reduce the workers' partial statistics (in rank order, fp64), read the
+  layer's tensors, ASER step 1 (smoothing + folds); returns the layer's folded FP tensors and,
+  as separate objects so each reconstruction task fetches only its own, one payload per group
+  (statistics of the smoothed input, outlier channels) and one weight per linear;
+- ``reconstruct_task``: steps 2–3 for one linear;
+- ``write_layer_task``: pack a layer to the output format and write its shard and adapter part;
+- ``copy_stage_task``: the embedding and head stages, copied from the source;
+- ``finalize_task``: ``export.finalize`` (config, adapter, copied files, the index last).
+
+All are idempotent: same inputs, same outputs, and writes are atomic under deterministic names,
+so a retried task is harmless.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aser.pipeline import export
+from aser.pipeline import layers as layer_io
+from aser.pipeline import safetensors_io as sio
+from aser.pipeline.config import OutputFormat
+from aser.pipeline.manifest import FileRecord
+from aser.workers.arch import groups_for
+from aser.workers.calibration import expected_layer_tensors, hf_config, process_info
+from aser.workers.reconstruct import LinearResult, MethodConfig, reconstruct_linear, smooth_layer
+from aser.workers.stats import GroupStats, reduce_stats
+
+# Intra-op threads of a reconstruction task: fixed, so the SVD's bytes do not depend on which
+# machine (how many cores) ran it.
+TASK_THREADS = 1
+
+
+@dataclass
+class LayerMeta:
+    """A layer after smoothing: FP tensors (relative names) with the folds applied and the
+    quantized linears' weights removed (they travel separately); choices per group."""
+
+    tensors: dict[str, torch.Tensor]
+    choices: dict[str, dict[str, float]]
+    linear_names: list[str]
+    bytes_read: int
+    seconds: dict[str, float]
+    process: dict[str, Any]
+
+
+@dataclass
+class GroupPayload:
+    """What a group's reconstruction tasks share: statistics of the smoothed input, outliers."""
+
+    stats: GroupStats
+    outliers: torch.Tensor | None
+
+
+@dataclass
+class StageWritten:
+    """What a writer did: files (name relative to DEST -> record), metrics per linear."""
+
+    stage: int
+    files: dict[str, FileRecord]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def smooth_outputs(config_dict: Mapping[str, Any]) -> int:
+    """Number of objects ``smooth_task`` returns: meta, one per group, one per linear."""
+    groups = groups_for(config_dict)
+    return 1 + len(groups) + sum(len(g.linears) for g in groups)
+
+
+def smooth_task(
+    source_url: str,
+    config_dict: Mapping[str, Any],
+    layer_idx: int,
+    method: MethodConfig,
+    *stats_parts: Mapping[str, GroupStats],
+) -> tuple[Any, ...]:
+    """Reduce ``stats_parts`` (one per worker, in rank order), read layer ``layer_idx`` and
+    smooth it. Returns (LayerMeta, GroupPayload per group, W (N, K) per linear) in
+    ``groups_for`` order."""
+    torch.set_num_threads(TASK_THREADS)
+    t0 = time.perf_counter()
+    config = hf_config(config_dict)
+    groups = groups_for(config)
+    stats = {g.name: reduce_stats([p[g.name] for p in stats_parts]) for g in groups}
+    t1 = time.perf_counter()
+    source = sio.open_source(source_url)
+    prefix = layer_io.layer_prefix(layer_idx)
+    names = [prefix + n for n in expected_layer_tensors(config, layer_idx)]
+    tensors = {n[len(prefix):]: t for n, t in sio.read_tensors(source, names).items()}
+    nbytes = sum(source.tensors[n].end - source.tensors[n].start for n in names)
+    t2 = time.perf_counter()
+    sm = smooth_layer(tensors, stats, method, config)
+    t3 = time.perf_counter()
+    linears = [lin for g in groups for lin in g.linears]
+    quantized = {f"{lin}.weight" for lin in linears}
+    meta = LayerMeta(
+        tensors={k: v for k, v in sm.tensors.items() if k not in quantized},
+        choices=sm.choices,
+        linear_names=linears,
+        bytes_read=nbytes,
+        seconds={"reduce": t1 - t0, "load_smooth": t2 - t1, "smooth": t3 - t2},
+        process=process_info("smooth"),
+    )
+    payloads = [GroupPayload(sm.stats[g.name], sm.outliers[g.name]) for g in groups]
+    weights = [sm.tensors[f"{lin}.weight"] for lin in linears]
+    return (meta, *payloads, *weights)
+
+
+def linear_group_index(config_dict: Mapping[str, Any]) -> list[int]:
+    """For each linear in ``groups_for`` order, the index of its group."""
+    return [gi for gi, g in enumerate(groups_for(config_dict)) for _ in g.linears]
+
+
+def reconstruct_task(W: torch.Tensor, payload: GroupPayload, method: MethodConfig) -> LinearResult:
+    """Steps 2–3 for one smoothed linear, W: (N, K) in the checkpoint's dtype."""
+    torch.set_num_threads(TASK_THREADS)
+    t0 = time.perf_counter()
+    res = reconstruct_linear(W, payload.stats, payload.outliers, method, scale_dtype=W.dtype)
+    res.metrics["task_s"] = time.perf_counter() - t0
+    res.metrics["peak_rss_bytes"] = float(process_info("reconstruct")["peak_rss_bytes"])
+    res.metrics["pid"] = float(process_info("reconstruct")["pid"])
+    return res
+
+
+def write_layer_task(
+    dest: str,
+    layer_idx: int,
+    num_layers: int,
+    fmt: OutputFormat,
+    group_size: int | None,
+    shard_size_bytes: int,
+    meta: LayerMeta,
+    *results: LinearResult,
+) -> StageWritten:
+    """Pack layer ``layer_idx`` (its results in ``meta.linear_names`` order) and write it."""
+    t0 = time.perf_counter()
+    by_name = dict(zip(meta.linear_names, results, strict=True))
+    prefix = layer_io.layer_prefix(layer_idx)
+    fp = dict(meta.tensors)
+    for name, res in by_name.items():
+        fp[f"{name}.weight"] = res.q  # dropped by layer_tensors: the codes replace it
+    base, adapter = export.layer_tensors(prefix, fp, by_name, fmt, group_size)
+    files = export.write_stage(dest, 1 + layer_idx, num_layers, base, adapter, shard_size_bytes)
+    t1 = time.perf_counter()
+    metrics: dict[str, dict[str, float]] = {}
+    processes = [meta.process]
+    recon_s = 0.0
+    for name, res in by_name.items():
+        m = res.metrics
+        metrics[name] = {
+            "rel_error_before": float(m["err_before"]),
+            "rel_error_after": float(m["err_after"]),
+            "rank": int(m["rank"]),
+            "seconds": float(m.get("task_s", 0.0)),
+            "svd_s": float(m.get("svd_s", 0.0)),
+            "quantize_s": float(m.get("quantize_s", 0.0)),
+        }
+        recon_s += float(m.get("task_s", 0.0))
+        processes.append({"pid": int(m["pid"]), "role": "reconstruct", "peak_rss_bytes": int(m["peak_rss_bytes"])})
+    for gname, choice in meta.choices.items():
+        metrics[f"group:{gname}"] = {k: float(v) for k, v in choice.items()}
+    processes.append(process_info("write"))
+    return StageWritten(
+        stage=1 + layer_idx,
+        files=files,
+        metrics=metrics,
+        bytes_read=meta.bytes_read,
+        bytes_written=sum(f.size_bytes for f in files.values()),
+        seconds={**meta.seconds, "reconstruct": recon_s, "write": t1 - t0},
+        processes=processes,
+    )
+
+
+def copy_stage_task(
+    source_url: str, dest: str, stage: int, num_layers: int, names: Sequence[str], shard_size_bytes: int
+) -> StageWritten:
+    """The embedding (stage 0) or head (stage L + 1) tensors, copied from the source as they are."""
+    t0 = time.perf_counter()
+    source = sio.open_source(source_url)
+    tensors = sio.read_tensors(source, names)
+    nbytes = sum(source.tensors[n].end - source.tensors[n].start for n in names)
+    files = export.write_stage(dest, stage, num_layers, tensors, None, shard_size_bytes)
+    return StageWritten(
+        stage=stage,
+        files=files,
+        bytes_read=nbytes,
+        bytes_written=sum(f.size_bytes for f in files.values()),
+        seconds={"copy": time.perf_counter() - t0},
+        processes=[process_info("write")],
+    )
+
+
+def finalize_task(
+    dest: str, source_url: str, num_layers: int, fmt: OutputFormat, group_size: int | None,
+    adapter_parts: Sequence[str],
+) -> tuple[export.FinalizeResult, dict[str, Any]]:
+    """``export.finalize`` on a worker: merging the adapter parts needs their tensors, which the
+    driver (metadata only) never holds."""
+    res = export.finalize(dest, source_url, num_layers, fmt, group_size, adapter_parts)
+    return res, process_info("finalize")

@@ -1,0 +1,58 @@
+"""The one place (besides the driver) that knows about Ray: workers and tasks as remote objects.
+
+Every retry setting is explicit here, with its reason:
+
+- Calibration actors: ``max_restarts=0``, ``max_task_retries=0``. An actor's value is its state
+  (the shard's hidden states); a restarted actor would come back empty and replaying one method
+  cannot rebuild it. The driver recovers instead, at the last persisted layer boundary, with new
+  actors (``driver.MAX_RECOVERIES``) — the same path as resuming after a driver crash.
+- Tasks (smoothing, reconstruction, writer, copy, finalize): ``max_retries=3`` on system
+  failures (the process or its node died). They are pure or idempotent (deterministic names,
+  atomic writes), so running one twice gives the same bytes.
+- ``retry_exceptions``: only for work that touches storage (the writers, the finalize), and only
+  for ``OSError`` (a transient network or object-store error). Math and bad input (ValueError:
+  NaN weights, a missing tensor) are deterministic: a retry would fail the same way, so they
+  surface at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from aser.workers import layer_tasks
+from aser.workers.calibration import CalibrationWorker
+
+ACTOR_MAX_RESTARTS = 0  # state is not rebuilt by a restart; the driver recovers (see above)
+ACTOR_MAX_TASK_RETRIES = 0
+TASK_MAX_RETRIES = 3  # pure / idempotent work: safe to rerun after a worker process dies
+STORAGE_RETRY_EXCEPTIONS: list[type[BaseException]] = [OSError]  # transient storage errors only
+RECONSTRUCT_NUM_CPUS = 1.0  # matches layer_tasks.TASK_THREADS
+
+
+def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
+    return ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
+        # The driver fetches its small per-call info while big outputs stay in the actor.
+        max_concurrency=1,
+    )(CalibrationWorker)
+
+
+def _task(fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0) -> Any:
+    return ray.remote(num_cpus=num_cpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=retry_exceptions)(fn)
+
+
+def remote_functions() -> dict[str, Any]:
+    """The tasks, built on first use (ray.remote needs no running cluster, but importing this
+    module should not register functions that a caller never uses)."""
+    return {
+        "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS),
+        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS),
+        "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS),
+        "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS),
+        "finalize": _task(layer_tasks.finalize_task, STORAGE_RETRY_EXCEPTIONS),
+    }
