@@ -107,6 +107,18 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from aser.kernels.loader import evaluate_dest
+
+    out = evaluate_dest(a.dest, a.eval, a.seq_len, a.max_windows)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"{a.dest}: ppl {out['ppl']:.3f} over {out['num_windows']} x {a.seq_len} tokens "
+              f"({out.get('method')} r={out.get('rank')}, {out['seconds']:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aser", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
+
+    e = sub.add_parser("eval", help="evaluate a quantized output directory with AserLinear modules")
+    e.add_argument("dest")
+    e.add_argument("--eval", required=True, help="evaluation text (path or URL)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=40)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -22,10 +22,17 @@ def load_text(url: str) -> str:
         raise DataError(f"cannot read text from {storage.redact(url)}: {e}") from e
 
 
+DOC_SEPARATOR = "<|endoftext|>"
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """The whole text as one (T,) int64 sequence, BOS first when the tokenizer adds one."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
-    return ids.to(torch.int64)
+    """The text as one (T,) int64 sequence. Documents separated by ``<|endoftext|>`` are
+    tokenized one by one (each gets BOS when the tokenizer adds one) and concatenated."""
+    docs = [d.strip() for d in text.split(DOC_SEPARATOR)] if DOC_SEPARATOR in text else [text]
+    parts = [tokenizer(d, return_tensors="pt", add_special_tokens=True).input_ids[0] for d in docs if d]
+    if not parts:
+        raise DataError("text is empty")
+    return torch.cat(parts).to(torch.int64)
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:

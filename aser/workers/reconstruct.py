@@ -207,7 +207,8 @@ def smooth_layer(
         cands = _candidates(cfg)
         best: tuple[float, torch.Tensor | None, torch.Tensor | None, float, int] | None = None
         for alpha, f in cands:
-            m, O = smoothing_scale(weights, stats[g.name], alpha, f, cfg.smooth_channels)
+            channels = "all" if cfg.smoothing == "smoothquant" else cfg.smooth_channels
+            m, O = smoothing_scale(weights, stats[g.name], alpha, f, channels)
             if cfg.smoothing == "smoothquant" or cfg.outlier_mode == "none":
                 O = None
             if not foldable:

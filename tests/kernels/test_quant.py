@@ -1,0 +1,97 @@
+"""The reference quantizers: round trips, code ranges, and agreement with compressed-tensors."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+from aser.kernels import quant
+
+FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_weight_round_trip_within_half_step(dtype, bits, group_size):
+    torch.manual_seed(0)
+    W = (torch.randn(13, 64, dtype=torch.float64) * torch.logspace(-2, 1, 64)).to(dtype)
+    q, scale = quant.quantize_weight(W, bits, group_size)
+    qmin, qmax = quant.int_range(bits)
+    assert q.dtype == torch.int8 and int(q.min()) >= qmin and int(q.max()) <= qmax
+    assert (scale > 0).all() and scale.dtype == dtype
+    err = (quant.dequantize_weight(q, scale, group_size).double() - W.double()).abs()
+    g = group_size or 64
+    step = scale.double().repeat_interleave(g, dim=1)
+    # Half a step, plus the rounding of x/scale in the working dtype (a few ulps of |x|).
+    slack = 4 * torch.finfo(dtype).eps * W.double().abs()
+    assert (err <= step / 2 + slack).all()
+
+
+def test_absmax_maps_to_the_convention():
+    """absmax/7.5 for INT4: +absmax -> 7 (clamped from 7.5), -absmax -> -8 (7.5 rounds to even)."""
+    W = torch.tensor([[1.5, -1.5, 0.0, 0.1]], dtype=torch.float64)
+    q, scale = quant.quantize_weight(W, 4)
+    assert float(scale) == pytest.approx(1.5 / 7.5)
+    assert q.tolist() == [[7, -8, 0, 0]]
+
+
+def test_zero_rows_get_eps_scale_and_zero_codes():
+    W = torch.zeros(3, 8)
+    q, scale = quant.quantize_weight(W, 4)
+    assert (q == 0).all() and (scale == torch.finfo(torch.float32).eps).all()
+    xq, xs = quant.quantize_activation(torch.zeros(2, 5), 8)
+    assert (xq == 0).all() and (xs > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_matches_compressed_tensors_exactly(dtype):
+    torch.manual_seed(1)
+    W = torch.randn(32, 96).to(dtype)
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="channel")
+    scale = quant.weight_scale(W, 4)
+    ref = fake_quantize(W, scale, torch.zeros_like(scale), args)
+    assert torch.equal(quant.fake_quantize_weight(W, 4), ref)
+
+
+def test_activation_matches_compressed_tensors_exactly():
+    torch.manual_seed(2)
+    x = torch.randn(7, 33) * 3
+    args = QuantizationArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True)
+    _, scale = quant.quantize_activation(x, 8)
+    ref = fake_quantize(x, scale, torch.zeros_like(scale), args)
+    assert torch.equal(quant.fake_quantize_activation(x, 8), ref)
+
+
+def test_activation_per_token_codes_and_scale():
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 40, dtype=torch.float64)
+    q, scale = quant.quantize_activation(x, 8)
+    assert scale.shape == (2, 5, 1) and q.shape == x.shape
+    assert int(q.min()) >= -128 and int(q.max()) <= 127
+    torch.testing.assert_close(scale, x.abs().amax(-1, keepdim=True) / 127.5, rtol=0, atol=0)
+    assert ((quant.fake_quantize_activation(x, 8) - x).abs() <= scale / 2 + 1e-15).all()
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 33, 4095])
+def test_pack_unpack_int4_round_trip(K):
+    torch.manual_seed(4)
+    q = torch.randint(-8, 8, (5, K), dtype=torch.int8)
+    packed = quant.pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (5, (K + 7) // 8)
+    assert torch.equal(quant.unpack_int4(packed, (5, K)), q)
+
+
+def test_pack_layout_low_nibble_first():
+    q = torch.tensor([[-8, -7, 0, 7, 1, 2, 3, 4]], dtype=torch.int8)
+    word = int(quant.pack_int4(q)[0, 0]) & 0xFFFFFFFF
+    assert [(word >> (4 * k)) & 0xF for k in range(8)] == [v + 8 for v in q[0].tolist()]
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize_weight(torch.ones(2, 4), 9)
+    with pytest.raises(ValueError, match="group_size"):
+        quant.quantize_weight(torch.ones(2, 10), 4, group_size=4)
+    with pytest.raises(ValueError, match="range"):
+        quant.pack_int4(torch.tensor([[9]], dtype=torch.int8))
