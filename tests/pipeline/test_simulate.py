@@ -1,0 +1,81 @@
+"""End to end on a real tiny Llama (stories260K): FP fidelity, then the methods' ordering."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aser.pipeline import cli, data, evaluate, simulate
+from aser.workers.qlinear import SimQuantLinear
+from aser.workers.reconstruct import MethodConfig
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    return model, tok
+
+
+def test_fp32_greedy_reproduces_llama2c(stories, stories_dir):
+    model, tok = stories
+    out = model.generate(torch.tensor([[tok.bos_token_id]]), do_sample=False, max_new_tokens=200)
+    text = tok.decode(out[0, 1:], skip_special_tokens=True)
+    assert text == (stories_dir / "expected_greedy_200.txt").read_text()
+
+
+def test_fp_perplexity_matches_reference(stories, data_dir):
+    model, tok = stories
+    ids = data.tokenize(tok, (data_dir / "tinystories" / "sample.txt").read_text())
+    assert evaluate.perplexity(model, data.eval_windows(ids, 256, 7)) == pytest.approx(3.818, abs=5e-4)
+
+
+def test_methods_ordering_on_stories(stories, data_dir):
+    model, tok = stories
+    ids = data.tokenize(tok, (data_dir / "tinystories" / "sample.txt").read_text())
+    calib = data.calibration_windows(ids, 32, 128, seed=0)
+    windows = data.eval_windows(ids, 256, 7)
+    fp_stats, _ = simulate.collect_fp_stats(model, calib, batch_size=8)
+    ppl = {}
+    for method in ("rtn", "er", "aser"):
+        q = copy.deepcopy(model)
+        simulate.apply_method(q, MethodConfig(method=method, rank=8), fp_stats=fp_stats)
+        assert sum(isinstance(m, SimQuantLinear) for m in q.modules()) == 5 * 7
+        ppl[method] = evaluate.perplexity(q, windows)
+    fp = evaluate.perplexity(model, windows)
+    assert fp < ppl["aser"] < ppl["rtn"], ppl
+    assert ppl["er"] < ppl["rtn"], ppl
+
+
+def test_propagate_quantized_equals_fp_at_layer_zero_and_differs_after(stories, data_dir):
+    model, tok = stories
+    ids = data.tokenize(tok, (data_dir / "tinystories" / "sample.txt").read_text())
+    calib = data.calibration_windows(ids, 8, 64, seed=1)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = simulate.apply_method(a, MethodConfig(method="er", rank=4), tokens=calib, propagate="fp")
+    rb = simulate.apply_method(b, MethodConfig(method="er", rank=4), tokens=calib, propagate="quantized")
+    la, lb = ra.layers, rb.layers
+    assert la[0]["linears"]["self_attn.q_proj"] == pytest.approx(lb[0]["linears"]["self_attn.q_proj"], rel=1e-6, abs=1)
+    assert la[0]["linears"]["mlp.down_proj"]["err_before"] == lb[0]["linears"]["mlp.down_proj"]["err_before"]
+    assert la[-1]["linears"]["mlp.down_proj"]["err_before"] != lb[-1]["linears"]["mlp.down_proj"]["err_before"]
+
+
+def test_cli_simulate_json(stories_dir, data_dir, capsys):
+    sample = str(data_dir / "tinystories" / "sample.txt")
+    rc = cli.main(["simulate", str(stories_dir), "--method", "aser", "--rank", "4", "--calib", sample,
+                   "--num-samples", "4", "--seq-len", "64", "--eval", sample, "--max-windows", "3", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("method", "rank", "w_bits", "a_bits", "num_samples", "seq_len", "ppl", "ppl_fp", "num_windows", "seconds"):
+        assert key in out
+    assert out["num_windows"] == 3 and out["method"] == "aser" and out["ppl"] > out["ppl_fp"] > 1
+
+
+def test_cli_bad_values_fail_before_work(stories_dir, data_dir, capsys):
+    sample = str(data_dir / "tinystories" / "sample.txt")
+    assert cli.main(["simulate", str(stories_dir), "--rank", "-2", "--eval", sample]) == 2
+    assert "method.rank" in capsys.readouterr().err
+    assert cli.main(["simulate", str(stories_dir), "--calib", sample, "--seq-len", "4096", "--eval", sample,
+                     "--max-windows", "1", "--seq-len", "4096"]) == 2
