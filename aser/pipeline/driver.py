@@ -246,9 +246,15 @@ def _init_ray(config: RunConfig) -> bool:
     return True
 
 
-def _unwrap(e: RayTaskError) -> BaseException:
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
+def _unwrap(e: BaseException) -> BaseException:
+    """The user's exception inside (possibly nested) task errors: a failed collect fails the
+    smoothing task that needs its statistics, which fails the writer."""
+    while isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException) or cause is e:
+            break
+        e = cause
+    return e
 
 
 def run(

@@ -37,6 +37,8 @@ def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
         num_gpus=num_gpus,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
+        # One calibration shard per node where possible (per GPU on a real cluster).
+        scheduling_strategy="SPREAD",
         # The driver fetches its small per-call info while big outputs stay in the actor.
         max_concurrency=1,
     )(CalibrationWorker)

@@ -68,3 +68,27 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     fs.mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A 3-node Ray cluster on 127.0.0.1 (ray.cluster_utils.Cluster), this process connected.
+
+    Logical CPUs are oversubscribed on purpose (the machine has few cores): calibration actors
+    hold theirs for a whole run, and the tasks need the rest. Yields the GCS address for
+    subprocess drivers (``aser quantize --address``).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 3, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    for _ in range(2):
+        cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield str(cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
