@@ -43,7 +43,9 @@ class SimReport:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers  # type: ignore[no-any-return]
+    layers = model.get_submodule("model.layers")
+    assert isinstance(layers, nn.ModuleList)
+    return layers
 
 
 @torch.no_grad()
@@ -199,6 +201,6 @@ def extra_params(model: nn.Module) -> tuple[int, int]:
             N, K = mod.out_features, mod.in_features
             base += N * K
             if mod.L_A is not None:
-                r = mod.L_A.shape[1] - mod.num_side
+                r = int(mod.L_A.shape[1]) - mod.num_side
                 extra += r * (N + K) + mod.num_side * N
     return extra, base

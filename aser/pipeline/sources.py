@@ -62,7 +62,7 @@ def _convert_smollm2(out: Path) -> None:
     for key in ("architectures", "quantization_config", "_model_name_or_path"):
         cfg_dict.pop(key, None)
     cfg = LlamaConfig(**{k: v for k, v in cfg_dict.items() if k not in ("transformers_version",)})
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).float()
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise SourceError(f"SmolLM2 conversion mismatch: missing {missing}, unexpected {unexpected}")

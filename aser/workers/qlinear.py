@@ -16,6 +16,10 @@ from aser.workers.reconstruct import LinearResult
 
 
 class SimQuantLinear(nn.Module):
+    weight: torch.Tensor  # (N, K) dequantized
+    bias: torch.Tensor | None
+    L_A: torch.Tensor | None  # (N, r)
+    L_B: torch.Tensor | None  # (r, K)
     def __init__(
         self,
         weight: torch.Tensor,
@@ -44,7 +48,7 @@ class SimQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = x if self.a_bits is None else fake_quantize_activation(x, self.a_bits)
         y = nn.functional.linear(xq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.L_A is not None:
+        if self.L_A is not None and self.L_B is not None:
             y = y + (x @ self.L_B.to(x.dtype).T) @ self.L_A.to(x.dtype).T
         return y
 

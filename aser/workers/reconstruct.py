@@ -208,6 +208,8 @@ def smooth_layer(
         best: tuple[float, torch.Tensor | None, torch.Tensor | None, float, int] | None = None
         for alpha, f in cands:
             channels = "all" if cfg.smoothing == "smoothquant" else cfg.smooth_channels
+            m: torch.Tensor | None
+            O: torch.Tensor | None
             m, O = smoothing_scale(weights, stats[g.name], alpha, f, channels)
             if cfg.smoothing == "smoothquant" or cfg.outlier_mode == "none":
                 O = None
@@ -312,8 +314,10 @@ def reconstruct_linear(
     rank = max(cfg.rank - f, 0) if (side and cfg.reserve_rank) else cfg.rank
     lr = _lowrank(E_main, stats, rank, cfg)
     t2 = time.perf_counter()
-    L_A = lr.L_A if lr is not None and lr.L_A.shape[1] > 0 else None
-    L_B = lr.L_B if L_A is not None else None
+    L_A: torch.Tensor | None = None
+    L_B: torch.Tensor | None = None
+    if lr is not None and lr.L_A.shape[1] > 0:
+        L_A, L_B = lr.L_A, lr.L_B
     if side:
         assert outliers is not None
         sel = torch.zeros(f, W64.shape[1], dtype=torch.float64, device=W64.device)
