@@ -308,6 +308,10 @@ def run(
                 _run_layers(ctx, attempt)
                 break
             except RayActorError as e:
+                if getattr(e, "actor_init_failed", False):
+                    # An error in the worker's constructor (unreadable source, no credentials)
+                    # is not a crash: new workers would fail the same way.
+                    raise PipelineError(f"calibration worker could not start: {e}") from e
                 if attempt == MAX_RECOVERIES:
                     raise PipelineError(
                         f"calibration workers died {attempt + 1} times; giving up ({e}). Rerun the "

@@ -71,7 +71,7 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
+def ray_cluster(moto_endpoint: str) -> Iterator[str]:
     """A 3-node Ray cluster on 127.0.0.1 (ray.cluster_utils.Cluster), this process connected.
 
     Logical CPUs are oversubscribed on purpose (the machine has few cores): calibration actors
@@ -81,6 +81,11 @@ def ray_cluster() -> Iterator[str]:
     import ray
     from ray.cluster_utils import Cluster
 
+    # Ray's processes inherit the environment they are started with: the standard AWS variables
+    # (the same values ``s3_bucket`` sets) let its workers reach the loopback S3 server.
+    for var, value in (("AWS_ENDPOINT_URL", moto_endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                       ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[var] = value
     node = {"num_cpus": 3, "include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args=node)
     for _ in range(2):
