@@ -26,12 +26,17 @@ def paths(data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster: str, paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def reference_dest(ray_cluster: str, paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     """The uninterrupted one-worker run every other run is compared with."""
     dest = str(tmp_path_factory.mktemp("ref") / "out")
     res = driver.run(run_config(paths["source"], dest, paths["calib"]), show_progress=False)
     assert res.status == "complete"
-    return output_files(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dest: str) -> dict[str, bytes]:
+    return output_files(reference_dest)
 
 
 def test_local_end_to_end(reference: dict[str, bytes], tmp_path: Path, paths: dict[str, str]) -> None:
@@ -44,10 +49,9 @@ def test_local_end_to_end(reference: dict[str, bytes], tmp_path: Path, paths: di
     assert "model.layers.4.mlp.down_proj.weight_scale" in index["weight_map"]
 
 
-def test_manifest_metrics_and_finished_dest_left_alone(ray_cluster: str, tmp_path: Path, paths: dict[str, str]) -> None:
-    dest = str(tmp_path / "out")
-    cfg = run_config(paths["source"], dest, paths["calib"], num_samples=8)
-    driver.run(cfg, show_progress=False)
+def test_manifest_metrics_and_finished_dest_left_alone(reference_dest: str, paths: dict[str, str]) -> None:
+    dest = reference_dest
+    cfg = run_config(paths["source"], dest, paths["calib"])
     mf = json.loads(Path(dest, "aser_manifest.json").read_text())
     layer = mf["layers"]["2"]
     q = layer["metrics"]["self_attn.q_proj"]
@@ -57,14 +61,14 @@ def test_manifest_metrics_and_finished_dest_left_alone(ray_cluster: str, tmp_pat
     assert layer["bytes_read"] > 0 and layer["bytes_written"] > 0
     roles = {p["role"] for p in mf["summary"]["processes"]}
     assert "driver" in roles and "calibration" in roles
-    assert mf["calibration_sha256"] and mf["config"]["calib"]["num_samples"] == 8
+    assert mf["calibration_sha256"] and mf["config"]["calib"]["num_samples"] == NUM_SAMPLES
     before = Path(dest, "model.safetensors.index.json").stat().st_mtime_ns
     again = driver.run(cfg, show_progress=False)
     assert again.status == "already complete"
     assert Path(dest, "model.safetensors.index.json").stat().st_mtime_ns == before
     # A different config against the same DEST is refused, naming the field.
     with pytest.raises(ValueError, match=r"method.rank: 8 -> 16"):
-        driver.run(run_config(paths["source"], dest, paths["calib"], num_samples=8,
+        driver.run(run_config(paths["source"], dest, paths["calib"],
                               method=type(cfg.method)(method="aser", rank=16, num_outliers=4)), show_progress=False)
 
 
@@ -170,21 +174,42 @@ def _quantize(args: list[str], env_extra: dict[str, str]) -> subprocess.Complete
                           env=env, capture_output=True, text=True, timeout=240)
 
 
+def _resume_args(dest: Path, paths: dict[str, str], address: str) -> list[str]:
+    return [paths["source"], str(dest), "--calib", paths["calib"], "--num-samples", str(NUM_SAMPLES),
+            "--seq-len", "64", "--rank", "8", "--num-outliers", "4", "--cpus-per-worker", "0.5",
+            "--address", address]
+
+
+def _killed(args: list[str], point: str, dest: Path) -> dict:
+    proc = _quantize(args, {"ASER_TEST_KILL_AFTER": point})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, as planned
+    assert not (dest / sio.INDEX_NAME).exists()  # never looks complete
+    return json.loads((dest / "aser_manifest.json").read_text())
+
+
+def test_driver_killed_mid_run_resumes_to_the_same_bytes(
+    reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str]
+) -> None:
+    dest = tmp_path / "out"
+    mf = _killed(_resume_args(dest, paths, ray_cluster), "layer:1", dest)
+    assert {int(k) for k in mf["layers"]} == {0, 1}
+    # The workers' states at the first unfinished boundary survived the kill: the rerun starts there.
+    assert "worker-00000-next-00002.pt" in {p.name for p in (dest / ".aser_state").glob("worker-*")}
+    res = driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
+    assert res.status == "complete"
+    assert output_files(str(dest)) == reference
+
+
+@pytest.mark.slow
 def test_driver_killed_at_several_points_resumes_to_the_same_bytes(
     reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str]
 ) -> None:
     dest = tmp_path / "out"
-    args = [paths["source"], str(dest), "--calib", paths["calib"], "--num-samples", str(NUM_SAMPLES),
-            "--seq-len", "64", "--rank", "8", "--num-outliers", "4", "--cpus-per-worker", "0.5",
-            "--address", ray_cluster]
-    for point, done_layers in (("layer:1", {0, 1}), ("copies", {-1, 0, 1, 2, 3, 4, 5}), ("finalize", None)):
-        proc = _quantize(args, {"ASER_TEST_KILL_AFTER": point})
-        assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, as planned
-        assert not (dest / sio.INDEX_NAME).exists()  # never looks complete
-        mf = json.loads((dest / "aser_manifest.json").read_text())
+    args = _resume_args(dest, paths, ray_cluster)
+    for point, done_layers in (("layer:0", {0}), ("copies", {-1, 0, 1, 2, 3, 4, 5}), ("finalize", None)):
+        mf = _killed(args, point, dest)
         if done_layers is not None:
             assert {int(k) for k in mf["layers"]} == done_layers
-    # The state of the first unfinished boundary survived the first kill, and was used.
     proc = _quantize(args, {})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert output_files(str(dest)) == reference

@@ -1,0 +1,106 @@
+"""Bad input to `aser quantize`: each a clear error naming the cause, DEST never complete."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from safetensors.torch import load_file, save_file
+
+from aser.pipeline import driver
+from aser.pipeline import safetensors_io as sio
+from pipeline_run_helpers import copy_checkpoint, run_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def calib(data_dir: Path) -> str:
+    return str(data_dir / "tinystories" / "sample.txt")
+
+
+def _sharded(stories_dir: Path, out: Path) -> Path:
+    """stories260K as 2 shards + index (layers 0-2 in the first, the rest in the second)."""
+    copy_checkpoint(stories_dir, out)
+    state = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    first = {k: v for k, v in state.items() if any(k.startswith(f"model.layers.{i}.") for i in range(3))}
+    second = {k: v for k, v in state.items() if k not in first}
+    names = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    weight_map = {}
+    for name, part in names.items():
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (out / sio.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def _fails(source: Path, dest: Path, calib: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        driver.run(run_config(str(source), str(dest), calib), show_progress=False)
+    assert not (dest / sio.INDEX_NAME).exists()
+
+
+def test_missing_shard(stories_dir: Path, tmp_path: Path, calib: str) -> None:
+    src = _sharded(stories_dir, tmp_path / "src")
+    (src / "model-00002-of-00002.safetensors").unlink()
+    _fails(src, tmp_path / "out", calib, r"shard .*model-00002-of-00002.safetensors is missing")
+
+
+def test_tensor_missing_from_its_shard(stories_dir: Path, tmp_path: Path, calib: str) -> None:
+    src = _sharded(stories_dir, tmp_path / "src")
+    index = json.loads((src / sio.INDEX_NAME).read_text())
+    index["weight_map"]["model.layers.1.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors"
+    (src / sio.INDEX_NAME).write_text(json.dumps(index))
+    _fails(src, tmp_path / "out", calib, r"model.layers.1.mlp.up_proj.weight .*missing from that shard")
+
+
+def test_tensor_missing_from_the_source(stories_dir: Path, tmp_path: Path, calib: str) -> None:
+    src = copy_checkpoint(stories_dir, tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    del state["model.layers.3.self_attn.k_proj.weight"]
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _fails(src, tmp_path / "out", calib, r"model.layers.3.self_attn.k_proj.weight \(layer 3\) is not in the source")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_bad_header(stories_dir: Path, tmp_path: Path, calib: str, damage: str) -> None:
+    src = copy_checkpoint(stories_dir, tmp_path / "src")
+    blob = (src / "model.safetensors").read_bytes()
+    if damage == "truncated":
+        (src / "model.safetensors").write_bytes(blob[:1000])
+        match = r"model.safetensors has a corrupt or truncated header"
+    else:
+        (n,) = struct.unpack("<Q", blob[:8])
+        (src / "model.safetensors").write_bytes(blob[:8] + b"{" * n + blob[8 + n :])
+        match = r"model.safetensors has a corrupt header"
+    _fails(src, tmp_path / "out", calib, match)
+
+
+def test_calibration_text_too_short(stories_dir: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    _fails(stories_dir, tmp_path / "out", str(short), r"calibration text too short")
+
+
+def test_unwritable_dest(stories_dir: Path, tmp_path: Path, calib: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    # (Tests run as root, which ignores permission bits: a DEST under a regular file is
+    # unwritable for everyone.)
+    _fails(stories_dir, blocker / "out", calib, r"DEST .*file/out is not writable")
+
+
+def test_nan_weights(ray_cluster: str, stories_dir: Path, tmp_path: Path, calib: str) -> None:
+    src = copy_checkpoint(stories_dir, tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.2.mlp.gate_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    dest = tmp_path / "out"
+    _fails(src, dest, calib, r"tensor model.layers.2.mlp.gate_proj.weight in .*model.safetensors contains NaN")
+    # Layers before the bad one were finished and recorded; the bad one was not.
+    mf = json.loads((dest / "aser_manifest.json").read_text())
+    assert {0, 1} <= {int(k) for k in mf["layers"]} and "2" not in mf["layers"]
