@@ -75,6 +75,8 @@ class _Ctx:
     kill_after: str | None
     kill_worker: tuple[int, int] | None
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Run-level seconds outside the layers: Ray start/connect, starting (or restoring) workers.
+    overhead_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def dest(self) -> str:
@@ -186,7 +188,9 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
             plan.source_url, ctx.dest, L + 1, L, list(plan.head_names), cfg.shard_size_bytes)))
     todo = [i for i in range(L) if i not in done]
     if todo:
+        t0 = time.perf_counter()
         actors, start = _start_workers(ctx, todo[0], attempt)
+        ctx.overhead_s["start_workers"] = ctx.overhead_s.get("start_workers", 0.0) + time.perf_counter() - t0
         try:
             _layer_loop(ctx, actors, start)
         finally:
@@ -301,7 +305,9 @@ def run(
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
     ctx = _Ctx(config, plan, tokens, mf, remote_functions(), lambda _i: bar.update(1), kill_after, kill_worker)
+    t_ray = time.perf_counter()
     owned = _init_ray(config)
+    ctx.overhead_s["ray_init"] = time.perf_counter() - t_ray
     try:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -350,6 +356,7 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         for k, v in rec.seconds.items():
             seconds[k] = seconds.get(k, 0.0) + float(v)
     seconds["finalize"] = finalize_s
+    seconds.update(ctx.overhead_s)
     procs = sorted(ctx.processes.values(), key=lambda p: (p["role"], p["pid"]))
     return {
         "wall_s": wall_s,
