@@ -213,3 +213,25 @@ def test_driver_killed_at_several_points_resumes_to_the_same_bytes(
     proc = _quantize(args, {})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert output_files(str(dest)) == reference
+
+
+def test_propagate_quantized_matches_simulation(ray_cluster: str, tmp_path: Path, paths: dict[str, str]) -> None:
+    """propagate = quantized: each layer is calibrated on the quantized layers' outputs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aser.pipeline import evaluate, simulate
+    from pipeline_run_helpers import METHOD, SEQ_LEN
+
+    dest = tmp_path / "out"
+    driver.run(run_config(paths["source"], str(dest), paths["calib"], propagate="quantized"), show_progress=False)
+    tok = AutoTokenizer.from_pretrained(paths["source"])
+    ids = data.tokenize(tok, data.load_text(paths["calib"]))
+    windows = data.eval_windows(ids, SEQ_LEN, None)
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+    ppl = evaluate.perplexity(PeftModel.from_pretrained(model, str(dest / "aser_adapter")).eval(), windows)
+    sim = AutoModelForCausalLM.from_pretrained(paths["source"], dtype=torch.float32).eval()
+    simulate.apply_method(sim, METHOD, tokens=data.calibration_windows(ids, NUM_SAMPLES, SEQ_LEN, 0),
+                          propagate="quantized", batch_size=8)
+    # Same bound and reason as the fp case above.
+    assert ppl == pytest.approx(evaluate.perplexity(sim, windows), rel=5e-3)
