@@ -32,20 +32,24 @@ RECONSTRUCT_NUM_CPUS = 1.0  # matches layer_tasks.TASK_THREADS
 
 
 def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
-    return ray.remote(
+    # A plain dict: Ray's type stubs lag its documented options (max_concurrency, a list for
+    # retry_exceptions).
+    opts: dict[str, Any] = dict(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
         # One calibration shard per node where possible (per GPU on a real cluster).
         scheduling_strategy="SPREAD",
-        # The driver fetches its small per-call info while big outputs stay in the actor.
+        # Calls run one at a time, in submission order: collect(i), advance(i), collect(i+1)...
         max_concurrency=1,
-    )(CalibrationWorker)
+    )
+    return ray.remote(**opts)(CalibrationWorker)
 
 
 def _task(fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0) -> Any:
-    return ray.remote(num_cpus=num_cpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=retry_exceptions)(fn)
+    opts: dict[str, Any] = dict(num_cpus=num_cpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=retry_exceptions)
+    return ray.remote(**opts)(fn)
 
 
 def remote_functions() -> dict[str, Any]:
