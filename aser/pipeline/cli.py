@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
+    from aser.pipeline.quantize_cmd import add_quantize_parser
+
+    add_quantize_parser(sub)
+
     e = sub.add_parser("eval", help="evaluate a quantized output directory with AserLinear modules")
     e.add_argument("dest")
     e.add_argument("--eval", required=True, help="evaluation text (path or URL)")

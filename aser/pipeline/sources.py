@@ -111,9 +111,8 @@ def localize(source_url: str) -> str:
         tmp = out.with_name(key + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for url in storage.list_dir(resolved):
-            name = url.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith((".json", ".safetensors", ".model", ".txt")):
-                (tmp / name).write_bytes(storage.read_bytes(url))
+        for name in storage.list_dir(resolved):
+            if name.endswith((".json", ".safetensors", ".model", ".txt", ".jinja")):
+                (tmp / name).write_bytes(storage.read_bytes(storage.join(resolved, name)))
         tmp.rename(out)
     return str(out)
