@@ -45,14 +45,15 @@ def table_configs(base: MethodConfig) -> list[tuple[str, MethodConfig]]:
         ("l2qer", m("l2qer")),
         ("er", m("er")),
         ("aser", m("aser")),
-        ("aser (paper reading: f=32, outliers into low rank)", m("aser", num_outliers=32, outlier_mode="lowrank")),
+        ("aser, side columns within the rank budget", m("aser", reserve_rank=True)),
         ("gptq", m("gptq", rank=0)),
-        ("gptq+er", m("gptq+er")),
         ("gptq+aser", m("gptq+aser")),
     ]
     for r in (8, 16, 64, 128):
         rows.append(("er", m("er", rank=r)))
         rows.append(("aser", m("aser", rank=r)))
+    rows.append(("gptq+er", m("gptq+er")))
+    rows.append(("aser, paper reading (f=32 into the low-rank path)", m("aser", num_outliers=32, outlier_mode="lowrank")))
     return rows
 
 
@@ -124,6 +125,17 @@ def main() -> int:
         fp_row[f"ppl_{name}"] = evaluate.perplexity(model, w, 1 if w.shape[1] > 1024 else 4)
     results.append(fp_row)
     print(json.dumps(fp_row), file=sys.stderr)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "sweep" if a.sweep else "table"
+
+    def save(rows: list[dict]) -> None:  # after every row: a long run keeps what it measured
+        meta = {"source": a.source, "num_samples": a.num_samples, "seq_len": a.seq_len,
+                "calibration_tokens_sha256": data.tokens_hash(calib), "statistics_s": stats_s,
+                "total_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+                "eval_windows": {k: list(v.shape) for k, v in evals.items()}}
+        (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     base = MethodConfig()
     rows = sweep_configs(base) if a.sweep else table_configs(base)
     for label, cfg in rows:
@@ -141,14 +153,7 @@ def main() -> int:
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("choices", "config")}), file=sys.stderr)
         del qmodel
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "sweep" if a.sweep else "table"
-    meta = {"source": a.source, "num_samples": a.num_samples, "seq_len": a.seq_len,
-            "calibration_tokens_sha256": data.tokens_hash(calib), "statistics_s": stats_s,
-            "total_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-            "eval_windows": {k: list(v.shape) for k, v in evals.items()}}
-    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+        save(results)
     cols = list(evals)
     print(f"\n| method | r | " + " | ".join(f"ppl ({c})" for c in cols) + " | extra params % | seconds |")
     print("|---|---|" + "---|" * len(cols) + "---|---|")
