@@ -52,17 +52,17 @@ def load_tokenizer(source_url: str) -> Any:
 def calibration_tokens(config: RunConfig, source_url: str, source_size_bytes: int) -> tuple[torch.Tensor, str]:
     """(token ids (num_samples, seq_len) int64, a description of where they came from)."""
     calib = config.calib
-    tok = load_tokenizer(source_url)
-    if calib.source is not None:
-        ids = data.tokenize(tok, data.load_text(calib.source))
-        windows = data.calibration_windows(ids, calib.num_samples, calib.seq_len, calib.seed)
-        return windows, f"{storage.redact(calib.source)} ({ids.numel()} tokens)"
-    if not _is_local(source_url) or source_size_bytes > SELF_GENERATE_MAX_BYTES:
+    if calib.source is None and (not _is_local(source_url) or source_size_bytes > SELF_GENERATE_MAX_BYTES):
         raise data.DataError(
             "calib.source is required for this source: without calibration text the samples are "
             f"drawn from the model itself, which the driver does only for local checkpoints under "
             f"{SELF_GENERATE_MAX_BYTES // 1024**3} GiB (pass --calib TEXT_URL)"
         )
+    tok = load_tokenizer(source_url)
+    if calib.source is not None:
+        ids = data.tokenize(tok, data.load_text(calib.source))
+        windows = data.calibration_windows(ids, calib.num_samples, calib.seq_len, calib.seed)
+        return windows, f"{storage.redact(calib.source)} ({ids.numel()} tokens)"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source_url.removeprefix("file://")).eval()
