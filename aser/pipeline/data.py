@@ -75,7 +75,7 @@ def self_generated_windows(
         b = min(batch_size, num_samples - start)
         prompt = torch.full((b, 1), bos, dtype=torch.int64)
         gen = model.generate(
-            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_length=seq_len,
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_length=seq_len,
             min_length=seq_len, pad_token_id=tokenizer.eos_token_id,
         )
         out.append(gen[:, :seq_len])
