@@ -15,18 +15,10 @@ import torch
 
 from aser.pipeline import data, storage
 from aser.pipeline.config import RunConfig
+from aser.pipeline.export import COPIED_FILES
 
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "config.json",
-    "generation_config.json",
-)
+# What a tokenizer needs: the files export copies to DEST, plus the model config.
+TOKENIZER_FILES: tuple[str, ...] = (*COPIED_FILES, "config.json")
 # Without calibration text the samples are drawn from the model itself, which needs the whole
 # model in the driver: allowed for small local checkpoints only.
 SELF_GENERATE_MAX_BYTES = 2 * 1024**3
