@@ -62,6 +62,15 @@ if HAS_TRITON:
             return x.to(dtype).to(tl.float32)
 
     @triton.jit
+    def _load_smoothed(x_row, m_ptr, offs, mask, dtype: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+        """One block of the row as fp32, divided by the smoothing scale and rounded to dtype."""
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            m = tl.load(m_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+            x = round_fp32_to(tl.math.div_rn(x, m), dtype)
+        return x
+
+    @triton.jit
     def _act_quant_kernel(
         x_ptr, m_ptr, q_ptr, scale_ptr, xs_ptr, K, eps,
         HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -74,10 +83,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                m = tl.load(m_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-                x = round_fp32_to(tl.math.div_rn(x, m), dtype)
+            x = _load_smoothed(x_row, m_ptr, offs, mask, dtype, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(x))
         absmax = tl.max(amax, axis=0)
         scale = round_fp32_to(tl.math.div_rn(absmax, absmax * 0.0 + 127.5), dtype)
@@ -87,10 +93,8 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            x = _load_smoothed(x_row, m_ptr, offs, mask, dtype, HAS_SMOOTH)
             if HAS_SMOOTH:
-                m = tl.load(m_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-                x = round_fp32_to(tl.math.div_rn(x, m), dtype)
                 tl.store(xs_ptr + row * K + offs, x.to(dtype), mask=mask)
             v = round_fp32_to(tl.math.div_rn(x, tl.zeros_like(x) + scale), dtype)
             v = tl.minimum(tl.maximum(v, -128.0), 127.0)
