@@ -3,52 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from aser.pipeline.config import PROPAGATE_MODES, CalibConfig
 from aser.workers.reconstruct import METHODS, MethodConfig
+
+if TYPE_CHECKING:
+    from aser.pipeline.manifest import ExtraCost
 
 DEFAULT_SOURCE = "builtin:smollm2-135m"
 
 
-def _optional_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "16", "0") else int(s)
+# dests of add_method_flags: each one a MethodConfig field of the same name.
+METHOD_FLAGS = (
+    "method", "rank", "w_bits", "a_bits", "group_size", "alpha", "num_outliers", "outlier_mode",
+    "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd", "rank_energy",
+)
+# --a-bits 16: no activation quantization (weight-only, W4A16), which MethodConfig spells None.
+A_BITS_WEIGHT_ONLY = 16
+
+
+def _a_bits(s: str) -> int | None:
+    """``--a-bits``: 8 (W4A8), 16 (weight-only) or another simulated width in [2, 8]."""
+    bits = int(s) if s.strip().isdigit() else None
+    if bits == A_BITS_WEIGHT_ONLY:
+        return None
+    if bits is None or not 2 <= bits <= 8:
+        raise argparse.ArgumentTypeError(
+            f"{s!r} is not supported: use 8 (INT8 activations, W4A8) or 16 (no activation "
+            f"quantization, W4A16); `aser simulate` also takes widths 2-7"
+        )
+    return bits
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `simulate` and `quantize`; defaults come from MethodConfig (one place)."""
-    d = MethodConfig()
-    p.add_argument("--method", default=d.method, choices=METHODS)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--w-bits", type=int, default=d.w_bits)
-    p.add_argument("--a-bits", type=_optional_int, default=d.a_bits, help="8, or 16/none for weight-only")
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--num-outliers", type=int, default=d.num_outliers)
-    p.add_argument("--outlier-mode", default=d.outlier_mode, choices=("lowrank", "side", "none"))
-    p.add_argument("--reserve-rank", action="store_true", default=d.reserve_rank)
-    p.add_argument("--smooth-channels", default=d.smooth_channels, choices=("outliers", "all"))
-    p.add_argument("--alpha-grid", type=float, nargs="*", default=list(d.alpha_grid))
-    p.add_argument("--outlier-grid", type=int, nargs="*", default=list(d.outlier_grid))
-    p.add_argument("--damp", type=float, default=d.damp)
-    p.add_argument("--svd", default=d.svd, choices=("exact", "randomized", "auto"))
-    p.add_argument("--rank-energy", type=float, default=d.rank_energy)
+    """Flags shared by `simulate` and `quantize`.
+
+    None has a default here: a flag not given is absent from the namespace, so MethodConfig's
+    field defaults apply (one place) and `quantize` can tell a given flag from a recipe's value.
+    """
+    add = functools.partial(p.add_argument, default=argparse.SUPPRESS)
+    add("--method", choices=METHODS)
+    add("--rank", type=int)
+    add("--w-bits", type=int)
+    add("--a-bits", type=_a_bits, help="8 (W4A8), or 16 for no activation quantization (W4A16)")
+    add("--group-size", type=int, help="simulate only: `aser quantize` exports per-channel scales")
+    add("--alpha", type=float)
+    add("--num-outliers", type=int)
+    add("--outlier-mode", choices=("lowrank", "side", "none"))
+    add("--reserve-rank", action=argparse.BooleanOptionalAction)
+    add("--smooth-channels", choices=("outliers", "all"))
+    add("--alpha-grid", type=float, nargs="*")
+    add("--outlier-grid", type=int, nargs="*")
+    add("--damp", type=float)
+    add("--svd", choices=("exact", "randomized", "auto"))
+    add("--rank-energy", type=float)
+
+
+def given_method_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """The MethodConfig fields given as flags (absent flags are left to the defaults)."""
+    return {name: getattr(a, name) for name in METHOD_FLAGS if hasattr(a, name)}
 
 
 def method_from_args(a: argparse.Namespace) -> MethodConfig:
-    cfg = MethodConfig(
-        method=a.method, rank=a.rank, w_bits=a.w_bits, a_bits=a.a_bits, group_size=a.group_size,
-        alpha=a.alpha, num_outliers=a.num_outliers, outlier_mode=a.outlier_mode,
-        reserve_rank=a.reserve_rank, smooth_channels=a.smooth_channels,
-        alpha_grid=tuple(a.alpha_grid), outlier_grid=tuple(a.outlier_grid), damp=a.damp,
-        svd=a.svd, rank_energy=a.rank_energy,
-    )
-    cfg.validate()
-    return cfg
+    return MethodConfig.from_dict(given_method_fields(a))
 
 
 def _load(source: str) -> tuple[Any, Any]:
@@ -88,12 +112,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     report = simulate.apply_method(model, cfg, tokens=calib, propagate=a.propagate, batch_size=a.batch_size, progress=progress)
     ppl = evaluate.perplexity(model, eval_ids, a.eval_batch_size)
-    extra, base = simulate.extra_params(model)
+    extra = simulate.extra_params(model)
     out = {
         "method": cfg.method, "rank": cfg.rank, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
         "num_samples": a.num_samples, "seq_len": a.seq_len, "ppl": ppl, "ppl_fp": ppl_fp,
         "num_windows": int(eval_ids.shape[0]), "seconds": time.perf_counter() - t_start,
-        "extra_params_pct": 100.0 * extra / max(base, 1), "calibration": calib_source,
+        **extra.to_dict(), "calibration": calib_source,
         "calibration_tokens_sha256": data.tokens_hash(calib), "source": a.source,
         "stage_seconds": report.seconds, "method_config": cfg.to_dict(),
     }
@@ -102,20 +126,26 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     else:
         print(f"calibration: {calib_source}")
         print(f"{cfg.method} r={cfg.rank} W{cfg.w_bits}A{cfg.a_bits or 16}: ppl {ppl:.3f} (fp {ppl_fp:.3f}) "
-              f"over {out['num_windows']} x {a.seq_len} tokens; extra params {out['extra_params_pct']:.2f}%; "
-              f"{out['seconds']:.1f} s")
+              f"over {out['num_windows']} x {a.seq_len} tokens; {_extra_line(extra)}; {out['seconds']:.1f} s")
     return 0
+
+
+def _extra_line(extra: ExtraCost) -> str:
+    return f"adapter: {extra.bits_per_weight:.3f} extra bits per quantized weight ({extra.percent:.2f}% extra params)"
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from aser.kernels.loader import evaluate_dest
+    from aser.pipeline.manifest import shipped_extra_cost
 
     out = evaluate_dest(a.dest, a.eval, a.seq_len, a.max_windows)
+    extra = shipped_extra_cost(a.dest)
+    out.update(extra.to_dict())
     if a.json:
         print(json.dumps(out))
     else:
         print(f"{a.dest}: ppl {out['ppl']:.3f} over {out['num_windows']} x {a.seq_len} tokens "
-              f"({out.get('method')} r={out.get('rank')}, {out['seconds']:.1f} s)")
+              f"({out.get('method')} r={out.get('rank')}, {_extra_line(extra)}, {out['seconds']:.1f} s)")
     return 0
 
 
@@ -127,14 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
     add_method_flags(s)
     s.add_argument("--calib", default=None, help="calibration text (path or URL); default: sampled from the model")
-    s.add_argument("--num-samples", type=int, default=128)
-    s.add_argument("--seq-len", type=int, default=512)
+    calib = CalibConfig()  # simulate calibrates as quantize does, with the same defaults
+    s.add_argument("--num-samples", type=int, default=calib.num_samples)
+    s.add_argument("--seq-len", type=int, default=calib.seq_len)
     s.add_argument("--eval", required=True, help="evaluation text (path or URL)")
     s.add_argument("--max-windows", type=int, default=40)
-    s.add_argument("--propagate", default="fp", choices=("fp", "quantized"))
+    s.add_argument("--propagate", default="fp", choices=PROPAGATE_MODES)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--eval-batch-size", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=calib.seed)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 

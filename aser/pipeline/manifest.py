@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 import aser
+from aser.pipeline import safetensors_io as sio
 from aser.pipeline import storage
 from aser.pipeline.config import RunConfig
 from aser.pipeline.safetensors_io import INDEX_NAME
@@ -318,3 +320,79 @@ def prune_worker_states(dest: str, worker_rank: int, before_layer: int) -> None:
 
 def clear_state(dest: str) -> None:
     storage.remove(storage.join(dest, STATE_DIR), recursive=True)
+
+
+# ---------------------------------------------------------------- what the adapter adds
+
+# Bits per adapter value when none is stored to read it from: the adapter of a bf16/fp16
+# checkpoint (export writes L_A and L_B in the weight's dtype).
+ADAPTER_VALUE_BITS = 16
+
+
+@dataclass(frozen=True)
+class ExtraCost:
+    """What the low-rank adapter adds to the INT4 base, counted on the tensors that ship.
+
+    ``adapter_values``: numbers in the adapter's tensors — per module ``lora_A = L_B`` (r, K) and
+    ``lora_B = L_A`` (N, r), where r includes ASER's exact side columns: each ships as a one-hot
+    row of L_B plus a column of L_A, so it costs N + K like a rank of the low-rank path.
+    ``adapter_bits``: their stored bits. ``quantized_weights``: Σ N·K over the quantized linears.
+    Bits per weight = adapter_bits / quantized_weights. The weight scales are not counted: every
+    method, rtn included, stores the same ones (one per output channel: 16/K bits per weight).
+    """
+
+    adapter_values: int
+    adapter_bits: int
+    quantized_weights: int
+
+    @property
+    def percent(self) -> float:
+        """Adapter values as a percentage of the quantized weights' count."""
+        return 100.0 * self.adapter_values / self.quantized_weights if self.quantized_weights else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.adapter_bits / self.quantized_weights if self.quantized_weights else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "adapter_values": self.adapter_values,
+            "adapter_bits": self.adapter_bits,
+            "quantized_weights": self.quantized_weights,
+            "extra_params_pct": self.percent,
+            "extra_bits_per_weight": self.bits_per_weight,
+        }
+
+
+def extra_cost(adapter: Iterable[tuple[Sequence[int], int]], quantized_weights: int) -> ExtraCost:
+    """ExtraCost of adapter tensors given as (shape, bits per value)."""
+    values = bits = 0
+    for shape, value_bits in adapter:
+        n = math.prod(shape)
+        values += n
+        bits += n * value_bits
+    return ExtraCost(values, bits, quantized_weights)
+
+
+def _num_codes(ckpt: sio.SourceIndex, module: str) -> int:
+    """N·K of one quantized module of an output checkpoint: the int8 ``weight`` (int-quantized)
+    holds one code per weight; pack-quantized stores the unpacked shape in ``weight_shape``."""
+    if f"{module}.weight" in ckpt.tensors:
+        return math.prod(ckpt.tensors[f"{module}.weight"].shape)
+    shape = sio.read_tensors(ckpt, [f"{module}.weight_shape"])[f"{module}.weight_shape"]
+    return math.prod(int(v) for v in shape.tolist())
+
+
+def shipped_extra_cost(dest: str) -> ExtraCost:
+    """ExtraCost of a finished output checkpoint, read from the headers of what was written (the
+    adapter file and the base shards), at the adapter's stored dtype."""
+    from aser.pipeline import export  # export imports this module
+
+    ckpt = sio.open_source(dest)
+    weights = sum(
+        _num_codes(ckpt, name.removesuffix(".weight_scale")) for name in ckpt.tensors if name.endswith(".weight_scale")
+    )
+    url = storage.join(dest, export.ADAPTER_DIR, export.ADAPTER_WEIGHTS_NAME)
+    adapter = sio.open_file(url).tensors.values() if storage.exists(url) else ()
+    bits = {name: torch.empty((), dtype=dt).element_size() * 8 for name, dt in sio.DTYPES.items()}
+    return extra_cost(((info.shape, bits[info.dtype]) for info in adapter), weights)

@@ -9,13 +9,14 @@ each layer run the calibration batches through it with statistics hooks, quantiz
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from aser.pipeline.manifest import ADAPTER_VALUE_BITS, ExtraCost, extra_cost
 from aser.workers.arch import groups_for
 from aser.workers.qlinear import SimQuantLinear
 from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer, quantize_layer
@@ -189,18 +190,14 @@ def apply_method(
     return report
 
 
-def extra_params(model: nn.Module) -> tuple[int, int]:
-    """(extra 16-bit values, quantized linear weights N·K) summed over the model.
-
-    A rank-r path costs r·(N+K); f exact side columns cost f·N (stored as one-hot rows of L_B
-    in the PEFT adapter they take f·(N+K), but a kernel needs only the f columns and indices).
-    """
-    extra = base = 0
+def extra_params(model: nn.Module, value_bits: int = ADAPTER_VALUE_BITS) -> ExtraCost:
+    """What the model's adapter would ship, counted on the tensors export writes for each
+    quantized linear (L_B as lora_A, L_A as lora_B, side columns included), at ``value_bits``
+    per value (the simulation runs in fp32; the checkpoint's dtype is what ships)."""
+    shapes: list[tuple[Sequence[int], int]] = []
+    weights = 0
     for mod in model.modules():
         if isinstance(mod, SimQuantLinear):
-            N, K = mod.out_features, mod.in_features
-            base += N * K
-            if mod.L_A is not None:
-                r = int(mod.L_A.shape[1]) - mod.num_side
-                extra += r * (N + K) + mod.num_side * N
-    return extra, base
+            weights += mod.out_features * mod.in_features
+            shapes.extend((t.shape, value_bits) for t in (mod.L_A, mod.L_B) if t is not None)
+    return extra_cost(shapes, weights)
