@@ -6,10 +6,14 @@ Numerics are those of ``quant.quantize_activation(x, 8)`` applied to ``x / m``:
 The Triton kernel reproduces that bit for bit: it computes in fp32 with IEEE division and casts
 back to x's dtype after each step where torch would round (torch's bf16/fp16 arithmetic is
 fp32 arithmetic followed by a round to the storage type).
+
+NaN: a NaN anywhere in a row makes that row's scale NaN (its codes are then meaningless), so the
+dequantized row and the GEMM's output row are NaN. A NaN activation never becomes a finite value.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -46,18 +50,28 @@ if HAS_TRITON:
     # the interpreter that runs our CPU tests cannot call libdevice.
     _RNE_MAGIC = 12582912.0
 
+    def _interpreted() -> bool:
+        """Whether triton.jit runs kernels in its CPU interpreter (decided, as triton decides it,
+        from TRITON_INTERPRET when the kernels are defined)."""
+        knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases read the env var
+        if knobs is not None:
+            return bool(knobs.runtime.interpret)
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+    INTERPRETED: tl.constexpr = tl.constexpr(_interpreted())
+
     @triton.jit
     def round_fp32_to(x, dtype: tl.constexpr):
-        """fp32 -> nearest ``dtype`` value (half to even), returned as fp32.
+        """fp32 -> nearest ``dtype`` value (half to even), returned as fp32; NaN stays NaN.
 
-        bf16 is rounded with integer bit operations: the interpreter's fp32->bf16 cast
-        truncates instead of rounding to nearest even, and this spelling is exact on both.
-        (NaN payloads are not preserved; activations carrying NaN are already lost.)
+        On a GPU the cast is ``cvt.rn`` (nearest even). The interpreter's fp32->bf16 cast
+        truncates instead, so there bf16 is rounded with integer bit operations; those would
+        carry a NaN's payload into the sign/exponent (0x7FFFFFFF becomes -0.0), hence the where.
         """
-        if dtype == tl.bfloat16:
+        if INTERPRETED and dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
         else:
             return x.to(dtype).to(tl.float32)
 
@@ -80,12 +94,17 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         # Pass 1: absmax of the (smoothed) row.
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        nan_seen = tl.zeros((BLOCK_K,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
             x = _load_smoothed(x_row, m_ptr, offs, mask, dtype, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(x))
-        absmax = tl.max(amax, axis=0)
+            nan_seen = tl.maximum(nan_seen, (x != x).to(tl.int32))
+        # tl.maximum / tl.max skip NaN (max.f32 on a GPU, fmax in the interpreter), which would
+        # turn a NaN activation into a finite code; a NaN makes the row's scale NaN instead, as
+        # torch's amax does in the reference, so the GEMM's output row is NaN.
+        absmax = tl.where(tl.max(nan_seen, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
         scale = round_fp32_to(tl.math.div_rn(absmax, absmax * 0.0 + 127.5), dtype)
         scale = tl.where(scale == 0.0, eps, scale)
         tl.store(scale_ptr + row, scale.to(dtype))

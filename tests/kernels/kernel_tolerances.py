@@ -38,6 +38,11 @@ def tol(name: str) -> float:
     return TOL[name][0]
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| in float64 (NaN if either holds a NaN, which then fails any bound)."""
+    return float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
