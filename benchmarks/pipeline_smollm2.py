@@ -27,6 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ASER_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
+def data_relative(path: str) -> str:
+    """A path under the data folder as relative to it (results must not name this machine's
+    folders); any other path or URL unchanged."""
+    try:
+        return Path(path).resolve().relative_to(DATA.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def baseline_seconds(source_url: str, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Read every tensor of the checkpoint once (by byte range, as the pipeline does), then one
     FP forward of the model over the calibration tokens."""
@@ -106,7 +115,7 @@ def main() -> int:
         "baseline_forward_s": base["forward_s"], "ratio": wall / baseline,
         "stage_seconds_total": summary["stage_seconds_total"], "processes": summary["processes"],
         "ppl_fp": ppl_fp, "ppl_quantized_base": ppl_base, "ppl_quantized_with_adapter": ppl,
-        "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {a.eval}",
+        "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {data_relative(a.eval)}",
     }
     if a.json:
         print(json.dumps(out))
