@@ -27,6 +27,13 @@ PROPAGATE_MODES: tuple[str, ...] = ("fp", "quantized")
 OutputFormat = Literal["w4a8", "w4a16"]
 
 
+# What an exported checkpoint supports (aser/kernels/loader.py reads only these): the
+# activation width, as recipes spell it (16: none, W4A16; MethodConfig stores that as None).
+A_BITS_WEIGHT_ONLY = 16
+A_BITS_FORMATS: dict[int, OutputFormat] = {8: "w4a8", A_BITS_WEIGHT_ONLY: "w4a16"}
+_A_BITS_VALID = "8 (INT8 activations, W4A8) or 16 (no activation quantization, W4A16)"
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -131,6 +138,14 @@ class RunConfig:
             raise
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("method") else f"method: {e}") from e
+        if self.method.group_size is not None:
+            # The loader and kernels (aser/kernels) read one INT4 scale per output channel only.
+            raise ConfigError(
+                f"method.group_size (--group-size) {self.method.group_size}: group quantization is "
+                "not supported by `aser quantize`, whose checkpoints use per-output-channel INT4 "
+                "scales; leave it unset (per-channel is the default), or measure groups in memory "
+                "with `aser simulate --group-size`"
+            )
         self.output_format  # noqa: B018 - validates w_bits / a_bits against the export formats
 
     @property
@@ -139,11 +154,7 @@ class RunConfig:
         w_bits, a_bits = self.method.w_bits, self.method.a_bits
         if w_bits != 4:
             raise ConfigError(f"method.w_bits must be 4 for export (w4a8 / w4a16), got {w_bits}")
-        if a_bits == 8:
-            return "w4a8"
-        if a_bits is None or a_bits == 16:
-            return "w4a16"
-        raise ConfigError(f"method.a_bits must be 8 or 16 for export (w4a8 / w4a16), got {a_bits}")
+        return _a_bits_format(A_BITS_WEIGHT_ONLY if a_bits is None else a_bits)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the config version; the inverse of ``from_dict``."""
@@ -177,7 +188,7 @@ class RunConfig:
             kwargs["workers"] = _build(WorkersConfig, kwargs["workers"], "workers")
         if "method" in kwargs:
             try:
-                kwargs["method"] = _method_config_type().from_dict(kwargs["method"])
+                kwargs["method"] = _method_config_type().from_dict(_method_fields(kwargs["method"]))
             except TypeError as e:
                 raise ConfigError(f"method: {e}") from e
             except ConfigError:
@@ -188,6 +199,24 @@ class RunConfig:
             if required not in kwargs:
                 raise ConfigError(f"{required} is required")
         return cls(**kwargs)
+
+
+def _a_bits_format(a_bits: object) -> OutputFormat:
+    # Exactly int: `a_bits: true` (bool is an int subclass) or `8.0` is a mistake, not a width.
+    if type(a_bits) is not int or a_bits not in A_BITS_FORMATS:
+        raise ConfigError(f"method.a_bits must be {_A_BITS_VALID}, got {a_bits!r}")
+    return A_BITS_FORMATS[a_bits]
+
+
+def _method_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's (or manifest's) method mapping as MethodConfig fields: ``a_bits: 16`` is
+    weight-only (None); None, written by manifests, stays accepted; anything else not 8 fails."""
+    fields = dict(data)
+    if "a_bits" in fields and fields["a_bits"] is not None:
+        _a_bits_format(fields["a_bits"])
+        if fields["a_bits"] == A_BITS_WEIGHT_ONLY:
+            fields["a_bits"] = None
+    return fields
 
 
 def _fields_from(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -204,12 +233,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**_fields_from(cls, data, prefix + "."))
 
 
-def from_yaml(path: str, source: str | None = None, dest: str | None = None) -> RunConfig:
-    """Read a YAML recipe (a URL or path) into a RunConfig.
-
-    The recipe holds any subset of ``RunConfig.to_dict()``'s fields; ``source`` / ``dest``
-    given here (from the command line) override the recipe's.
-    """
+def read_recipe(path: str) -> dict[str, Any]:
+    """The mapping of a YAML recipe (a URL or path), not yet validated; empty file: {}."""
     import yaml
 
     from aser.pipeline import storage
@@ -222,7 +247,16 @@ def from_yaml(path: str, source: str | None = None, dest: str | None = None) -> 
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"recipe {storage.redact(path)} must be a mapping at the top level")
-    data = dict(data)
+    return dict(data)
+
+
+def from_yaml(path: str, source: str | None = None, dest: str | None = None) -> RunConfig:
+    """Read a YAML recipe (a URL or path) into a RunConfig.
+
+    The recipe holds any subset of ``RunConfig.to_dict()``'s fields; ``source`` / ``dest``
+    given here (from the command line) override the recipe's.
+    """
+    data = read_recipe(path)
     if source is not None:
         data["source"] = source
     if dest is not None:

@@ -1,7 +1,10 @@
 """`aser quantize SOURCE DEST`: flags (or a YAML recipe) -> RunConfig -> the driver.
 
-Flags given on the command line override the recipe; flags left at their defaults do not (so a
-recipe's ``rank: 64`` survives a command line without ``--rank``).
+Every flag given on the command line overrides the recipe, even one equal to its default
+(``--workers 1`` beats a recipe's ``num_workers: 4``); a flag not given leaves the recipe's value
+(so a recipe's ``rank: 64`` survives a command line without ``--rank``). No flag has an argparse
+default: an absent flag is absent from the namespace, and RunConfig's dataclass defaults fill
+whatever neither the recipe nor a flag sets.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from aser.pipeline.cli import add_method_flags, method_from_args
+from aser.pipeline.cli import add_method_flags, given_method_fields
 
 DEFAULT_SOURCE = "builtin:smollm2-135m"
 DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
@@ -21,8 +24,10 @@ DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
 KILL_AFTER_ENV = "ASER_TEST_KILL_AFTER"
 KILL_WORKER_ENV = "ASER_TEST_KILL_WORKER"
 
-# Flag dest -> RunConfig path; method flags map onto method.<name>.
+# Flag dest -> RunConfig path; method flags map onto method.<name> (cli.METHOD_FLAGS).
 _RUN_FLAGS = {
+    "source": ("source",),
+    "dest": ("dest",),
     "calib": ("calib", "source"),
     "num_samples": ("calib", "num_samples"),
     "seq_len": ("calib", "seq_len"),
@@ -34,82 +39,67 @@ _RUN_FLAGS = {
     "address": ("ray_address",),
     "shard_size": ("shard_size_bytes",),
 }
-_METHOD_FLAGS = (
-    "method", "rank", "w_bits", "a_bits", "group_size", "alpha", "num_outliers", "outlier_mode",
-    "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd", "rank_energy",
-)
 
 
 def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``quantize`` on the ``aser`` parser's subparsers; sets ``func``."""
+    from aser.pipeline.config import PROPAGATE_MODES
+
+    # argument_default=SUPPRESS: a flag not given is absent from the namespace (see above).
     q = subparsers.add_parser(
-        "quantize", help="quantize a checkpoint on Ray, layer by layer, from and to any storage URL"
+        "quantize", help="quantize a checkpoint on Ray, layer by layer, from and to any storage URL",
+        argument_default=argparse.SUPPRESS,
     )
-    q.add_argument("source", nargs="?", default=DEFAULT_SOURCE, help=f"checkpoint URL (default {DEFAULT_SOURCE})")
-    q.add_argument("dest", nargs="?", default=DEFAULT_DEST, help=f"output URL (default {DEFAULT_DEST})")
+    q.add_argument("source", nargs="?", help=f"checkpoint URL (default {DEFAULT_SOURCE})")
+    q.add_argument("dest", nargs="?", help=f"output URL (default {DEFAULT_DEST})")
     add_method_flags(q)
     q.add_argument("--recipe", default=None, help="YAML recipe (RunConfig fields); flags given override it")
-    q.add_argument("--calib", default=None, help="calibration text URL; default: sampled from the model")
-    q.add_argument("--num-samples", type=int, default=128)
-    q.add_argument("--seq-len", type=int, default=512)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=1, help="calibration workers (Ray actors)")
-    q.add_argument("--cpus-per-worker", type=float, default=1.0)
-    q.add_argument("--gpus-per-worker", type=float, default=0.0)
-    q.add_argument("--propagate", default="fp", choices=("fp", "quantized"))
-    q.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    q.add_argument("--shard-size", type=int, default=None, help="max bytes per output shard")
-    q.add_argument("--no-progress", action="store_true")
-    q.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
-    q.set_defaults(func=cmd_quantize, _quantize_parser=q)
+    q.add_argument("--calib", help="calibration text URL; default: sampled from the model")
+    q.add_argument("--num-samples", type=int)
+    q.add_argument("--seq-len", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--workers", type=int, help="calibration workers (Ray actors)")
+    q.add_argument("--cpus-per-worker", type=float)
+    q.add_argument("--gpus-per-worker", type=float)
+    q.add_argument("--propagate", choices=PROPAGATE_MODES)
+    q.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    q.add_argument("--shard-size", type=int, help="max bytes per output shard")
+    q.add_argument("--no-progress", action="store_true", default=False)
+    q.add_argument("--json", action="store_true", default=False, help="print the run summary as JSON on stdout")
+    q.set_defaults(func=cmd_quantize)
     return q
 
 
-def _given(parser: argparse.ArgumentParser, a: argparse.Namespace, name: str) -> bool:
-    return getattr(a, name) != parser.get_default(name)
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            from aser.pipeline.config import ConfigError
+
+            raise ConfigError(f"{part} must be a mapping, got {node!r}")
+    node[path[-1]] = value
 
 
-def config_from_args(a: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
-    """The RunConfig of the command line: the recipe (if any), then the flags given."""
-    from aser.pipeline.config import RunConfig
+def config_from_args(a: argparse.Namespace) -> Any:
+    """The RunConfig of the command line: the recipe (if any), then every flag given."""
+    from aser.pipeline.config import RunConfig, read_recipe
 
-    data: dict[str, Any] = {}
-    if a.recipe:
-        from aser.pipeline import storage
-
-        import yaml
-
-        loaded = yaml.safe_load(storage.read_text(a.recipe)) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"recipe {storage.redact(a.recipe)} must be a mapping at the top level")
-        data = loaded
-    data = json.loads(json.dumps(data))  # a deep, plain copy
-    use_all = not a.recipe
-    if use_all or _given(parser, a, "source") or "source" not in data:
-        data["source"] = a.source
-    if use_all or _given(parser, a, "dest") or "dest" not in data:
-        data["dest"] = a.dest
+    data = read_recipe(a.recipe) if a.recipe else {}
     for flag, path in _RUN_FLAGS.items():
-        value = getattr(a, flag)
-        if flag == "shard_size" and value is None:
-            continue
-        if use_all or _given(parser, a, flag):
-            node = data
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-    method = method_from_args(a).to_dict()
-    node = data.setdefault("method", {})
-    for name in _METHOD_FLAGS:
-        if use_all or _given(parser, a, name):
-            node[name] = method[name]
+        if hasattr(a, flag):
+            _set(data, path, getattr(a, flag))
+    for name, value in given_method_fields(a).items():
+        _set(data, ("method", name), value)
+    data.setdefault("source", DEFAULT_SOURCE)
+    data.setdefault("dest", DEFAULT_DEST)
     return RunConfig.from_dict(data)
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from aser.pipeline import driver
 
-    config = config_from_args(a, a._quantize_parser)
+    config = config_from_args(a)
     kill_worker = None
     if os.environ.get(KILL_WORKER_ENV):
         rank, layer = os.environ[KILL_WORKER_ENV].split(":")
