@@ -95,3 +95,36 @@ def test_bad_arguments_are_named():
         quant.quantize_weight(torch.ones(2, 10), 4, group_size=4)
     with pytest.raises(ValueError, match="range"):
         quant.pack_int4(torch.tensor([[9]], dtype=torch.int8))
+
+
+def test_bit_widths_two_to_eight_and_no_others() -> None:
+    assert quant.int_range(2) == (-2, 1) and quant.int_range(8) == (-128, 127)
+    for bits in (1, 9):
+        with pytest.raises(ValueError, match=rf"bits must be in \[2, 8\], got {bits}"):
+            quant.int_range(bits)
+
+
+def test_group_size_must_be_a_positive_divisor() -> None:
+    for g in (0, -4):
+        with pytest.raises(ValueError, match=rf"group_size {g} must divide the input size 8"):
+            quant.weight_scale(torch.ones(2, 8), 4, g)
+
+
+def test_per_group_scales_and_codes() -> None:
+    W = torch.tensor([[1.5, -0.75, 0.0, 3.0], [0.0, 0.0, -15.0, 7.5]], dtype=torch.float64)
+    q, scale = quant.quantize_weight(W, 4, group_size=2)
+    assert scale.tolist() == [[0.2, 0.4], [torch.finfo(torch.float64).eps, 2.0]]
+    assert q.tolist() == [[7, -4, 0, 7], [0, 0, -8, 4]]  # -0.75/0.2 = -3.75 -> -4; 7.5/2 = 3.75 -> 4
+    torch.testing.assert_close(quant.dequantize_weight(q, scale, 2), torch.tensor(
+        [[1.4, -0.8, 0.0, 2.8], [0.0, 0.0, -16.0, 8.0]], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_pack_accepts_the_whole_int4_range_and_nothing_else() -> None:
+    edge = torch.tensor([[-8, 7]], dtype=torch.int8)
+    assert torch.equal(quant.unpack_int4(quant.pack_int4(edge), (1, 2)), edge)
+    assert quant.pack_int4(torch.zeros(2, 0, dtype=torch.int8)).shape == (2, 0)
+    for bad in ([[-9, 0]], [[0, 8]]):
+        with pytest.raises(ValueError, match=r"outside the INT4 range \[-8, 7\]"):
+            quant.pack_int4(torch.tensor(bad, dtype=torch.int8))
+    with pytest.raises(ValueError, match="takes int8 codes, got torch.int32"):
+        quant.pack_int4(torch.zeros(1, 8, dtype=torch.int32))

@@ -87,3 +87,81 @@ def test_energy_rank_picks_the_smallest_sufficient_rank():
     r = lr.L_A.shape[1]
     assert float(e[:r].sum()) >= 0.5 * float(e.sum())
     assert r == 1 or float(e[: r - 1].sum()) < 0.5 * float(e.sum())
+
+
+def test_cholesky_damping_grows_tenfold_per_try_and_gives_up_after_max_tries() -> None:
+    G = torch.eye(4, dtype=torch.float64)
+    G[0, 0] = -2.5  # mean diagonal 0.125: λ·0.125 must exceed 2.5, i.e. λ > 20
+    S, lam, tries = damped_cholesky(G, 0.3)
+    assert tries == 3 and lam == pytest.approx(30.0, rel=1e-12)  # 0.3 and 3 fail; 30 works
+    torch.testing.assert_close(S @ S.T, G + 30.0 * 0.125 * torch.eye(4, dtype=torch.float64))
+    with pytest.raises(torch.linalg.LinAlgError, match=r"after 2 tries \(last λ=3\)"):
+        damped_cholesky(G, 0.3, max_tries=2)
+
+
+def test_all_zero_gram_whitens_with_the_identity() -> None:
+    S, lam, tries = damped_cholesky(torch.zeros(3, 3, dtype=torch.float64), 0.04)
+    assert tries == 1 and lam == 0.04
+    torch.testing.assert_close(S, 0.2 * torch.eye(3, dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_reported_damping_tries_and_timings() -> None:
+    E, G, _ = _problem()
+    lr = whitened_lowrank(E, G, 4, damp=0.02, svd="exact")
+    assert lr.damp == 0.02 and lr.cholesky_tries == 1
+    # durations, not timestamps: perf_counter differences of a sub-second computation
+    for t in (lr.cholesky_s, lr.svd_s, plain_lowrank(E, 4).svd_s, l2qer_lowrank(E, torch.ones(40), 4).svd_s):
+        assert 0.0 <= t < 30.0
+    assert plain_lowrank(E, 4).damp == 0.0 and plain_lowrank(E, 4).cholesky_tries == 0
+
+
+def test_auto_svd_is_randomized_only_for_ranks_far_below_the_size() -> None:
+    E, G, _ = _problem(N=96, K=120, T=300, seed=5)
+    # min(N, K) // 4 = 24: rank 4 + oversample 8 < 24 goes randomized, rank 20 + 8 does not.
+    for rank, same_as in ((4, "randomized"), (20, "exact")):
+        auto = plain_lowrank(E, rank, svd="auto", oversample=8)
+        ref = plain_lowrank(E, rank, svd=same_as, oversample=8)
+        assert torch.equal(auto.L_A, ref.L_A) and torch.equal(auto.L_B, ref.L_B)
+    assert not torch.equal(plain_lowrank(E, 4, svd="exact").L_A, plain_lowrank(E, 4, svd="randomized").L_A)
+
+
+def test_randomized_svd_restores_the_callers_random_stream() -> None:
+    E, _, _ = _problem()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    plain_lowrank(E, 4, svd="randomized")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_randomized_svd_caps_the_sketch_at_the_matrix_size() -> None:
+    E, _, _ = _problem()  # 24 x 40: a sketch of 4 + 100 columns would not fit
+    lr = plain_lowrank(E, 4, svd="randomized", oversample=100)
+    ex = plain_lowrank(E, 4, svd="exact")
+    # a full-width sketch spans everything: the exact answer up to rounding
+    torch.testing.assert_close(lr.L_A @ lr.L_B, ex.L_A @ ex.L_B, rtol=0, atol=1e-10)
+
+
+def test_energy_rank_edges() -> None:
+    E, G, _ = _problem()
+    assert whitened_lowrank(torch.zeros_like(E), G, 8, energy=0.9).L_A.shape == (24, 0)
+    assert whitened_lowrank(E, G, 5, energy=1.0).L_A.shape == (24, 5)  # capped at the max rank
+    full = whitened_lowrank(E, G, 24, damp=1e-12, energy=1.0)
+    assert full.L_A.shape == (24, 24)
+    top = whitened_lowrank(E, G, 24, damp=1e-12, energy=1e-9)
+    assert top.L_A.shape == (24, 1) and top.sigma.shape == (24,)
+
+
+def test_l2qer_weights_columns_by_normalised_mean_abs() -> None:
+    E, _, X = _problem()
+    mean_abs = X.abs().mean(1)
+    lr = l2qer_lowrank(E, mean_abs, 3, svd="exact")
+    s = mean_abs / torch.sqrt(mean_abs.min() * mean_abs.max())
+    torch.testing.assert_close(lr.sigma, torch.linalg.svdvals(E * s), rtol=1e-12, atol=0)
+    # best rank-3 approximation in the s-weighted norm: the residual is the sigma tail
+    resid = float((((E - lr.L_A @ lr.L_B) * s) ** 2).sum())
+    assert resid == pytest.approx(float((lr.sigma[3:] ** 2).sum()), rel=1e-9)
+    # a channel that never fires is clamped, not divided by zero
+    dead = mean_abs.clone()
+    dead[0] = 0.0
+    assert torch.isfinite(l2qer_lowrank(E, dead, 3, svd="exact").L_B).all()

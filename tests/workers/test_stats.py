@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from aser.workers.arch import LinearGroup
-from aser.workers.stats import StatsAccumulator, attach_stat_hooks, reduce_stats
+from aser.workers.stats import GroupStats, StatsAccumulator, attach_stat_hooks, reduce_stats
 
 
 def test_batched_fp32_accumulation_matches_fp64_reference():
@@ -64,3 +64,62 @@ def test_non_finite_activations_are_an_error():
     acc = StatsAccumulator(3)
     with pytest.raises(FloatingPointError):
         acc.add(torch.tensor([[1.0, float("nan"), 0.0]]))
+
+
+def _stats_of(X: torch.Tensor) -> GroupStats:
+    acc = StatsAccumulator(X.shape[-1])
+    acc.add(X)
+    return acc.result()
+
+
+def test_merge_sums_sums_and_maxes_maxima() -> None:
+    a = _stats_of(torch.tensor([[1.0, -4.0], [2.0, 0.5]], dtype=torch.float64))
+    b = _stats_of(torch.tensor([[-3.0, 1.0]], dtype=torch.float64))
+    m = reduce_stats([a, b])
+    assert m.absmax.tolist() == [3.0, 4.0] and m.abs_sum.tolist() == [6.0, 5.5] and m.num_tokens == 3
+    assert m.mean_abs.tolist() == [2.0, 5.5 / 3]
+    torch.testing.assert_close(m.gram, a.gram + b.gram, rtol=0, atol=0)
+
+
+def test_merge_refuses_other_widths_and_reduce_refuses_nothing() -> None:
+    with pytest.raises(ValueError, match="cannot merge stats of shapes"):
+        _stats_of(torch.ones(2, 3)).merge(_stats_of(torch.ones(2, 4)))
+    with pytest.raises(ValueError, match="no statistics to reduce"):
+        reduce_stats([])
+    with pytest.raises(ValueError, match="expected inputs with 3 channels, got 4"):
+        StatsAccumulator(3).add(torch.ones(1, 4))
+
+
+def test_mean_abs_of_no_tokens_is_zero_not_nan() -> None:
+    st = StatsAccumulator(4).result()
+    assert st.num_tokens == 0 and torch.equal(st.mean_abs, torch.zeros(4, dtype=torch.float64))
+
+
+def test_scaled_divides_every_statistic_and_keeps_the_count() -> None:
+    st = _stats_of(torch.tensor([[2.0, -6.0], [1.0, 3.0]], dtype=torch.float64))
+    sc = st.scaled(torch.tensor([2.0, 3.0]))
+    assert sc.absmax.tolist() == [1.0, 2.0] and sc.abs_sum.tolist() == [1.5, 3.0] and sc.num_tokens == 2
+    assert sc.gram.tolist() == [[5 / 4, -9 / 6], [-9 / 6, 45 / 9]]
+
+
+def test_result_is_a_snapshot() -> None:
+    acc = StatsAccumulator(2)
+    acc.add(torch.ones(1, 2))
+    first = acc.result()
+    acc.add(torch.full((1, 2), 3.0))
+    assert first.gram.tolist() == [[1.0, 1.0], [1.0, 1.0]] and first.abs_sum.tolist() == [1.0, 1.0]
+    assert first.absmax.tolist() == [1.0, 1.0] and acc.result().absmax.tolist() == [3.0, 3.0]
+
+
+def test_hooks_need_linears_and_keep_meta_layers_on_the_cpu() -> None:
+    layer = nn.Sequential()
+    layer.add_module("norm", nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="norm is LayerNorm, expected nn.Linear"):
+        attach_stat_hooks(layer, [LinearGroup("g", ("norm",), "x", "norm")])
+    with torch.device("meta"):
+        meta = nn.Sequential()
+        meta.add_module("a", nn.Linear(4, 2))
+    handles, accs = attach_stat_hooks(meta, [LinearGroup("g", ("a",), "x", "norm")])
+    assert accs["g"].gram.device.type == "cpu" and accs["g"].K == 4
+    for h in handles:
+        h.remove()
