@@ -219,7 +219,7 @@ def report(out: Path, tag: str, source: str) -> int:
             x, y = by_rank[0]
             cells = [f"{y:.2f} @ 0 (rank 0)"] + [""] * (len(TRADEOFF_RANKS) - 1)
         else:
-            cells = [f"{by_rank[r][1]:.2f} @ {by_rank[r][0]:.3f}" if r in by_rank else "not run" for r in TRADEOFF_RANKS]
+            cells = [f"{by_rank[r][1]:.2f} @ {by_rank[r][0]:.3f}" if r in by_rank else "—" for r in TRADEOFF_RANKS]
         print(f"| {method} | " + " | ".join(cells) + " |")
     print("\nAt equal shipped bits (the rank-r-only curve interpolated in log2(bits) at the side-column method's bits):")
     for with_side, without in (("aser", "er"), ("gptq+aser", "gptq+er")):
