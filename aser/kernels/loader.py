@@ -163,9 +163,11 @@ def read_adapter(dest: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
         if L_A.shape[1] != r:
             raise AserLoadError(f"{storage.redact(w_url)}: {name} has lora_A {tuple(L_B.shape)} and lora_B {tuple(L_A.shape)}")
         alpha = alpha_default
-        for pattern, value in alpha_pattern.items():  # PEFT's rule: the pattern matches a name suffix
-            if re.fullmatch(rf"(.*\.)?{pattern}", name):
+        # PEFT's rule (get_pattern_key): the first pattern, in order, matching a name suffix.
+        for pattern, value in alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pattern})$", name):
                 alpha = float(value)
+                break
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r if r else 1.0
         out[name] = (L_A * scaling if scaling != 1.0 else L_A, L_B)
     return out, cfg

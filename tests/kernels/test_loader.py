@@ -3,17 +3,29 @@ transformers model of AserLinear and reproduces the fake-quantized simulation.""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from aser_dest_writer import LINEARS, fake_quant_model, write_dest
+from aser_dest_writer import (
+    LINEARS,
+    AdapterScaling,
+    FakeQuantLinear,
+    QuantizedPieces,
+    fake_quant_model,
+    write_dest,
+)
 from kernel_tolerances import rel_err, tol
+from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from aser.kernels.linear import AserLinear
+from aser.kernels.quant import dequantize_weight
 from aser.kernels.loader import AserLoadError, evaluate_dest, load_aser_model
 from aser.pipeline import data, evaluate
 
@@ -34,6 +46,37 @@ def _ranks(model) -> dict[str, int]:
             for i in range(model.config.num_hidden_layers) for lin in LINEARS}
 
 
+def _linear_io(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each named module's (input, output) during one forward pass of ``model`` on ``ids``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, args, out, n=n: seen.__setitem__(n, (args[0], out))) for n in names]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _assert_linear_matches_simulation(name: str, x: torch.Tensor, y: torch.Tensor,
+                                      p: QuantizedPieces, a_bits: int | None) -> None:
+    """Teacher forcing: y (a linear's output inside the model) against the simulation of that
+    linear on the very same input x. End to end, an fp32-vs-fp64 difference that moves one
+    activation across an INT8 rounding boundary upstream changes everything downstream by as
+    much as W4A8 differs from W4A16; on a shared input the two agree to rounding. The bound
+    must also separate the other scheme and the adapter-free linear on this data."""
+    bound = tol("e2e_per_linear")
+    sim = FakeQuantLinear(p, a_bits).simulate(x)
+    assert rel_err(y, sim) <= bound, name
+    other_scheme = FakeQuantLinear(p, None if a_bits == 8 else 8).simulate(x)
+    assert rel_err(other_scheme, sim) > 100 * bound, name
+    if p.L_A is not None:
+        no_adapter = FakeQuantLinear(replace(p, L_A=None, L_B=None), a_bits).simulate(x)
+        assert rel_err(no_adapter, sim) > 100 * bound, name
+
+
 @pytest.mark.parametrize("a_bits", [8, None])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_end_to_end_matches_fake_quant(tiny_model, tmp_path: Path, a_bits, backend):
@@ -43,10 +86,13 @@ def test_end_to_end_matches_fake_quant(tiny_model, tmp_path: Path, a_bits, backe
     assert isinstance(lin, AserLinear) and lin.rank == 4 and lin.a_bits == a_bits
     assert not isinstance(model.lm_head, AserLinear)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    for name, (x, y) in _linear_io(model, ids, sorted(pieces)).items():
+        _assert_linear_matches_simulation(name, x, y, pieces[name], a_bits)
     with torch.no_grad():
         out = model(ids).logits
         sim = fake_quant_model(tiny_model, pieces, a_bits)(ids).logits
         fp = tiny_model(ids).logits
+    # Logits: the non-quantized parts (embeddings, norms, head) are wired as in transformers.
     if a_bits == 8:
         quant_error = float((fp.double() - sim.double()).abs().max())
         assert quant_error > 0
@@ -55,15 +101,56 @@ def test_end_to_end_matches_fake_quant(tiny_model, tmp_path: Path, a_bits, backe
         assert rel_err(out, sim) <= tol("e2e_w4a16")
 
 
+# (every linear at rank 4?, PEFT's scaling fields): lora_alpha != r; an alpha_pattern where a
+# later, more specific key also matches (PEFT takes the first match); rank-stabilised LoRA.
+SCALINGS = {
+    "lora_alpha": (True, AdapterScaling(lora_alpha=16.0)),
+    "alpha_pattern": (False, AdapterScaling(lora_alpha=6.0, alpha_pattern={
+        "q_proj": 3.0, "layers.1.self_attn.q_proj": 20.0, "down_proj": 10.0})),
+    "rslora": (False, AdapterScaling(lora_alpha=8.0, alpha_pattern={"down_proj": 3.0},
+                                     use_rslora=True)),
+}
+
+
+@pytest.mark.parametrize("case", SCALINGS)
+def test_adapter_scaling_matches_peft(tiny_model, tmp_path: Path, case):
+    """The loader folds PEFT's scaling (alpha / r, alpha / sqrt(r) with rslora, alpha_pattern)
+    into L_A: the loaded model equals PEFT applying the same adapter files to the dequantized
+    base. W4A16, so no activation rounding: the logits agree to fp32 rounding."""
+    uniform, scaling = SCALINGS[case]
+    ranks = {n: 4 for n in _ranks(tiny_model)} if uniform else _ranks(tiny_model)
+    pieces = write_dest(tiny_model, tmp_path, None, ranks, scaling=scaling)
+    base = copy.deepcopy(tiny_model)
+    for name, p in pieces.items():
+        base.get_submodule(name).weight.data = dequantize_weight(p.q, p.scale)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "aser_adapter")).eval()
+    peft_scalings = {n: peft_model.base_model.model.get_submodule(n).scaling["default"] for n in pieces}
+    assert peft_scalings == pytest.approx({n: scaling.scaling(n, ranks[n]) for n in pieces})
+    assert min(abs(math.log(v)) for v in peft_scalings.values()) > 0.1  # no module at scaling 1
+    ours = load_aser_model(str(tmp_path), backend="torch")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    for name, (x, y) in _linear_io(ours, ids, sorted(pieces)).items():
+        _assert_linear_matches_simulation(name, x, y, pieces[name], None)
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, peft_model(ids).logits) <= tol("e2e_w4a16")
+
+
 @pytest.mark.parametrize("a_bits", [8, None])
 def test_transformers_reads_the_same_checkpoint(tiny_model, tmp_path: Path, a_bits):
     """Rank 0: transformers' own compressed-tensors loader and ours agree, so the layout the
     tests write (and the loader reads) is the one compressed-tensors defines."""
-    write_dest(tiny_model, tmp_path, a_bits, {})
+    pieces = write_dest(tiny_model, tmp_path, a_bits, {})
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
+    ours_model = load_aser_model(str(tmp_path), backend="torch")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    for name, (x, y_hf) in _linear_io(hf_model, ids, sorted(pieces)).items():
+        with torch.no_grad():
+            y = ours_model.get_submodule(name)(x)
+        assert rel_err(y, y_hf) <= tol("e2e_per_linear"), name
+        _assert_linear_matches_simulation(name, x, y, pieces[name], a_bits)
     with torch.no_grad():
-        ours = load_aser_model(str(tmp_path), backend="torch")(ids).logits
-        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()(ids).logits
+        ours = ours_model(ids).logits
+        hf = hf_model(ids).logits
         fp = tiny_model(ids).logits
     if a_bits == 8:
         quant_error = float((fp.double() - hf.double()).abs().max())
