@@ -12,6 +12,14 @@ from types import ModuleType
 import pytest
 import torch
 
+# (tensors on CUDA?, backend requested, implementation expected)
+DISPATCH_CASES = [
+    (True, "auto", "triton"),  # the point of the kernels: CUDA tensors get them
+    (False, "auto", "torch"),
+    (True, "torch", "torch"),
+    (False, "triton", "triton"),  # forced: on CPU it runs under the interpreter
+]
+
 
 def pretend_cuda(monkeypatch: pytest.MonkeyPatch, *tensors: torch.Tensor) -> None:
     """These tensors (by identity) report is_cuda = True; every other tensor reports False."""

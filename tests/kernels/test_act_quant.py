@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from dispatch_spy import pretend_cuda, record_routes
+from dispatch_spy import DISPATCH_CASES, pretend_cuda, record_routes
 from kernel_tolerances import max_abs_diff, tol
 
 from aser.kernels import act_quant, backend
@@ -101,12 +101,7 @@ def test_against_float64(impl, M, K, smooth):
 
 
 @pytest.mark.parametrize("smooth", [False, True])
-@pytest.mark.parametrize("on_cuda,requested,expected", [
-    (True, "auto", "triton"),  # the point of the kernel: a CUDA tensor gets it
-    (False, "auto", "torch"),
-    (True, "torch", "torch"),
-    (False, "triton", "triton"),  # forced: on CPU it runs under the interpreter
-])
+@pytest.mark.parametrize("on_cuda,requested,expected", DISPATCH_CASES)
 def test_dispatch_decision(monkeypatch, smooth, on_cuda, requested, expected):
     x = _x(7, 100, torch.float32)
     m = _m(100, torch.float32) if smooth else None

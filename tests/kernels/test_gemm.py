@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dispatch_spy import pretend_cuda, record_routes
+from dispatch_spy import DISPATCH_CASES, pretend_cuda, record_routes
 from kernel_tolerances import max_abs_diff, rel_err, tol
 
 from aser.kernels import gemm
@@ -143,12 +143,7 @@ def test_block_shapes_do_not_change_the_result():
 
 
 @pytest.mark.parametrize("kind", ["w4a8", "w4a16"])
-@pytest.mark.parametrize("on_cuda,requested,expected", [
-    (True, "auto", "triton"),  # the point of the kernels: CUDA tensors get them
-    (False, "auto", "torch"),
-    (True, "torch", "torch"),
-    (False, "triton", "triton"),  # forced: on CPU it runs under the interpreter
-])
+@pytest.mark.parametrize("on_cuda,requested,expected", DISPATCH_CASES)
 def test_dispatch_decision(monkeypatch, kind, on_cuda, requested, expected):
     M, N, K, r = 4, 16, 24, 2
     q, packed, s, x, L_A, L_B, b = _case(M, N, K, r, torch.float32)
