@@ -119,6 +119,13 @@ def test_per_group_scales_and_codes() -> None:
         [[1.4, -0.8, 0.0, 2.8], [0.0, 0.0, -16.0, 8.0]], dtype=torch.float64), rtol=1e-15, atol=0)
 
 
+def test_fake_quantize_weight_uses_the_groups() -> None:
+    W = torch.randn(4, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * torch.logspace(-1, 1, 32)
+    q, scale = quant.quantize_weight(W, 4, 8)
+    assert torch.equal(quant.fake_quantize_weight(W, 4, 8), quant.dequantize_weight(q, scale, 8))
+    assert not torch.equal(quant.fake_quantize_weight(W, 4, 8), quant.fake_quantize_weight(W, 4))
+
+
 def test_pack_accepts_the_whole_int4_range_and_nothing_else() -> None:
     edge = torch.tensor([[-8, 7]], dtype=torch.int8)
     assert torch.equal(quant.unpack_int4(quant.pack_int4(edge), (1, 2)), edge)

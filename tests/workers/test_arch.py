@@ -77,6 +77,8 @@ def test_fold_into_linear_rows_scales_rows_and_bias_and_nothing_else() -> None:
         return v @ d["self_attn.o_proj.weight"].T
 
     torch.testing.assert_close(ov(out), ov(t), rtol=1e-13, atol=0)
+    half = fold_smoothing({k: v.to(torch.bfloat16) for k, v in t.items()}, GROUPS["o"], m)
+    assert {v.dtype for v in half.values()} == {torch.bfloat16}  # each result cast back to its dtype
     no_bias = {k: v for k, v in t.items() if k != "self_attn.v_proj.bias"}
     assert "self_attn.v_proj.bias" not in fold_smoothing(no_bias, GROUPS["o"], m)
 
@@ -92,4 +94,5 @@ def test_fold_into_a_norm_divides_its_weight_and_scales_every_linear_of_the_grou
         W = t[f"{lin}.weight"]
         assert out[f"{lin}.weight"].dtype == torch.bfloat16  # cast back to each tensor's dtype
         assert torch.equal(out[f"{lin}.weight"], (W.double() * m).to(torch.bfloat16))
+    assert out["input_layernorm.weight"].dtype == torch.bfloat16
     assert torch.equal(out["input_layernorm.weight"], (t["input_layernorm.weight"].double() / m).to(torch.bfloat16))

@@ -57,7 +57,7 @@ def test_blocked_sweep_equals_the_unblocked_reference(group_size: int | None, bl
 def test_diagonal_hessian_means_no_error_feedback_so_codes_are_rtn() -> None:
     """With uncorrelated inputs (H diagonal) an error cannot be compensated: GPTQ is RTN."""
     W, _ = _problem(seed=1)
-    H = torch.diag(torch.linspace(0.5, 3.0, W.shape[1], dtype=torch.float64))
+    H = torch.diag(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64).repeat(W.shape[1] // 3))  # 1.0 is not "dead"
     for group_size in (None, 8):
         q, scale = gptq_quantize(W, H, 3, group_size=group_size, block_size=7)
         q_rtn, scale_rtn = quantize_weight(W, 3, group_size)
@@ -102,6 +102,12 @@ def test_scales_are_rounded_through_the_stored_dtype() -> None:
         assert torch.equal(scale, scale.to(torch.bfloat16).to(torch.float64))
         plain = gptq_quantize(W, H, 4, group_size=group_size)[1]
         assert not torch.equal(scale, plain)  # the rounding really happened
+
+
+def test_default_damping_is_one_percent_of_the_mean_diagonal() -> None:
+    W, H = _problem(seed=5)
+    assert torch.equal(gptq_quantize(W, H, 4)[0], gptq_quantize(W, H, 4, damp=1e-2)[0])
+    assert torch.equal(gptq_quantize(W, H, 4)[0], _reference_gptq(W, H, 4, None, damp=1e-2)[0])
 
 
 def test_group_size_must_divide_k() -> None:

@@ -3,6 +3,7 @@ import torch
 
 from aser.kernels.quant import fake_quantize_weight
 from aser.workers.lowrank import (
+    _energy_rank,
     damped_cholesky,
     l2qer_lowrank,
     output_error_sq,
@@ -69,6 +70,21 @@ def test_randomized_svd_within_tolerance_of_exact():
     # and it is deterministic (fixed seed): same inputs, same bytes
     rd2 = whitened_lowrank(E, G, 8, svd="randomized", niter=4, oversample=16)
     assert torch.equal(rd.L_A, rd2.L_A) and torch.equal(rd.L_B, rd2.L_B)
+    assert not torch.equal(rd.L_A, ex.L_A)  # and it is really the randomized path that ran
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    E, G, X = _problem(N=40, K=96, T=300, seed=6)
+    kw = dict(svd="randomized", niter=4, oversample=16)
+    for f, args in ((plain_lowrank, (E, 4)), (l2qer_lowrank, (E, X.abs().mean(1), 4)), (whitened_lowrank, (E, G, 4))):
+        a, b = f(*args, svd="randomized"), f(*args, **kw)
+        assert torch.equal(a.L_A, b.L_A) and torch.equal(a.L_B, b.L_B)
+        c, d = f(*args), f(*args, svd="exact")
+        assert torch.equal(c.L_A, d.L_A) and torch.equal(c.L_B, d.L_B)
+    assert whitened_lowrank(E, G, 4).damp == 1e-2
+    # the knobs reach the sketch: power iterations and rank 1 (the smallest the sketch serves)
+    assert not torch.equal(plain_lowrank(E, 4, svd="randomized", niter=1).L_A, plain_lowrank(E, 4, svd="randomized", niter=6).L_A)
+    assert not torch.equal(plain_lowrank(E, 1, svd="randomized").L_A, plain_lowrank(E, 1, svd="exact").L_A)
 
 
 def test_cholesky_escalates_damping_and_reports_it():
@@ -114,7 +130,8 @@ def test_reported_damping_tries_and_timings() -> None:
     # resolution (ns) and far less than 30 s.
     for t in (lr.cholesky_s, lr.svd_s, plain.svd_s, l2.svd_s):
         assert 0.0 < t < 30.0
-    assert plain.damp == 0.0 and plain.cholesky_tries == 0 and plain.cholesky_s == 0.0
+    for lr0 in (plain, l2):  # no whitening: nothing damped, nothing factorised
+        assert lr0.damp == 0.0 and lr0.cholesky_tries == 0 and lr0.cholesky_s == 0.0
     torch.testing.assert_close(plain.sigma, torch.linalg.svdvals(E), rtol=1e-12, atol=0)
 
 
@@ -153,6 +170,13 @@ def test_energy_rank_edges() -> None:
     assert full.L_A.shape == (24, 24)
     top = whitened_lowrank(E, G, 24, damp=1e-12, energy=1e-9)
     assert top.L_A.shape == (24, 1) and top.sigma.shape == (24,)
+
+
+def test_energy_rank_counts_a_share_reached_exactly_as_reached() -> None:
+    sigma = torch.tensor([1.0, 3.0], dtype=torch.float64)  # shares of σ²: 0.1 and 0.9
+    assert _energy_rank(sigma, 0.1, 8) == 1  # 0.1 in float32 is 0.10000000149 and would need 2
+    assert _energy_rank(sigma, 0.1000001, 8) == 2 and _energy_rank(sigma, 0.1000001, 1) == 1
+    assert _energy_rank(torch.zeros(3), 0.5, 8) == 0
 
 
 def test_l2qer_weights_columns_by_normalised_mean_abs() -> None:

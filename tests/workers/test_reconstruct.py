@@ -10,7 +10,7 @@ from aser.kernels.quant import dequantize_weight, quantize_weight
 from aser.pipeline import simulate
 from aser.workers.arch import UnsupportedArchitecture, groups_for, linear_names
 from aser.workers.gptq import gptq_quantize
-from aser.workers.lowrank import output_error_sq
+from aser.workers.lowrank import l2qer_lowrank, output_error_sq, plain_lowrank, whitened_lowrank
 from aser.workers.reconstruct import (
     METHODS,
     MethodConfig,
@@ -259,8 +259,13 @@ def test_smoothquant_never_extracts_channels_and_smooths_all_of_them():
     sub = StatsAccumulator(32)
     sub.add(torch.randn(64, 32, dtype=torch.float64) * torch.logspace(0, 1, 32))
     stats = {g: sub.result() for g in ("qkv", "o", "gate_up", "down")}
-    cfg = MethodConfig(method="smoothquant", alpha=0.5, alpha_grid=(0.5,), outlier_grid=(4, 8))
-    sm = smooth_layer(tensors, stats, cfg, {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 4})
+    config = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 4}
+    cfg = MethodConfig(method="smoothquant", alpha_grid=(0.2, 0.8), outlier_grid=(4, 8))
+    sm = smooth_layer(tensors, stats, cfg, config)
+    # the search scores the smoothed weights W·diag(m) (here m is on every channel)
+    qkv = groups_for(config)[0]
+    chosen = MethodConfig(method="smoothquant", alpha=sm.choices["qkv"]["alpha"])
+    assert sm.choices["qkv"]["search_error"] == pytest.approx(_objective(tensors, sm, qkv, chosen), rel=1e-9)
     for g in ("qkv", "o", "gate_up", "down"):
         assert sm.outliers[g] is None and sm.choices[g]["num_outliers"] == 0.0 and sm.choices[g]["smoothed"] == 1.0
     m = tensors["input_layernorm.weight"] / sm.tensors["input_layernorm.weight"]
@@ -302,17 +307,25 @@ def test_outputs_are_in_the_stored_dtype_and_errors_measure_what_is_stored():
 def test_gptq_with_outliers_quantizes_only_the_kept_columns(group_size):
     W, st = _linear_problem(7)
     O = torch.tensor([3, 20])
+    keep = ~torch.isin(torch.arange(64), O)
     cfg = MethodConfig(method="gptq+aser", rank=0, outlier_mode="side", group_size=group_size)
+
+    def expected(scale_dtype):
+        if group_size is None:  # GPTQ on the kept columns alone, with their Gram block
+            q, scale = gptq_quantize(W[:, keep], st.gram[keep][:, keep], 4, damp=cfg.gptq_damp, scale_dtype=scale_dtype)
+            full = torch.zeros(W.shape, dtype=torch.int8)
+            full[:, keep] = q
+            return full, scale
+        # groups keep their columns: the extracted ones are zeroed, not removed
+        return gptq_quantize(torch.where(keep, W, 0.0), st.gram, 4, group_size=16, damp=cfg.gptq_damp,
+                             scale_dtype=scale_dtype)
+
+    for scale_dtype in (torch.float64, torch.bfloat16):  # scales rounded to the stored dtype first
+        res = reconstruct_linear(W, st, O, cfg, scale_dtype=scale_dtype)
+        q, scale = expected(scale_dtype)
+        assert torch.equal(res.q, q) and torch.equal(res.scale, scale.to(scale_dtype))
+        assert (res.q[:, O] == 0).all() and res.rank == 2
     res = reconstruct_linear(W, st, O, cfg)
-    assert (res.q[:, O] == 0).all() and res.rank == 2
-    keep = torch.ones(64, dtype=torch.bool)
-    keep[O] = False
-    if group_size is None:  # GPTQ on the kept columns alone, with their Gram block
-        q, scale = gptq_quantize(W[:, keep], st.gram[keep][:, keep], 4, damp=cfg.gptq_damp)
-        assert torch.equal(res.q[:, keep], q) and torch.equal(res.scale, scale)
-    else:  # groups keep their columns: the extracted ones are zeroed, not removed
-        q, scale = gptq_quantize(torch.where(keep, W, 0.0), st.gram, 4, group_size=16, damp=cfg.gptq_damp)
-        assert torch.equal(res.q, q) and torch.equal(res.scale, scale)
     rtn = reconstruct_linear(W, st, O, MethodConfig(method="aser", rank=0, group_size=group_size))
     assert res.metrics["err_after"] < rtn.metrics["err_after"]
 
@@ -332,3 +345,26 @@ def test_quantize_layer_reconstructs_every_linear_of_the_smoothed_layer():
     for (W, st, O), lin in zip(seen, results):
         g = next(g for g in groups_for(model.config) if lin in g.linears)
         assert W is sm.tensors[f"{lin}.weight"] and st is sm.stats[g.name] and O is sm.outliers[g.name]
+
+
+@pytest.mark.parametrize("method,fn", [("lorc", "plain"), ("l2qer", "l2qer"), ("er", "whitened")])
+def test_each_method_runs_its_own_lowrank(method, fn):
+    W, st = _linear_problem(8)
+    res = reconstruct_linear(W, st, None, MethodConfig(method=method, rank=3, svd="exact", damp=0.03))
+    E = W - dequantize_weight(res.q, res.scale)
+    lr = {"plain": lambda: plain_lowrank(E, 3), "l2qer": lambda: l2qer_lowrank(E, st.mean_abs, 3),
+          "whitened": lambda: whitened_lowrank(E, st.gram, 3, damp=0.03)}[fn]()
+    torch.testing.assert_close(res.L_A @ res.L_B, lr.L_A @ lr.L_B, rtol=1e-12, atol=1e-14)
+
+
+def test_rtn_groups_and_errors_are_scale_free():
+    W, st = _linear_problem(9)
+    res = reconstruct_linear(W, st, None, MethodConfig(method="rtn", rank=0, group_size=16))
+    assert torch.equal(res.q, quantize_weight(W, 4, 16)[0]) and res.scale.shape == (40, 4)
+    # A power-of-two scale of W changes no code: relative errors are identical, also when
+    # ‖W X‖² < 1 (the guard against a zero reference is > 0, nothing else).
+    tiny = reconstruct_linear(W * 2.0**-20, st, None, MethodConfig(method="er", rank=2, svd="exact"))
+    ref = reconstruct_linear(W, st, None, MethodConfig(method="er", rank=2, svd="exact"))
+    assert output_error_sq(W * 2.0**-20, st.gram) < 1.0
+    for k in ("err_before", "err_after"):
+        assert tiny.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-9) and tiny.metrics[k] > 0
