@@ -93,6 +93,7 @@ def test_merge_refuses_other_widths_and_reduce_refuses_nothing() -> None:
 def test_mean_abs_of_no_tokens_is_zero_not_nan() -> None:
     st = StatsAccumulator(4).result()
     assert st.num_tokens == 0 and torch.equal(st.mean_abs, torch.zeros(4, dtype=torch.float64))
+    assert st.gram.dtype == st.absmax.dtype == st.abs_sum.dtype == torch.float64  # fp64 before any input
 
 
 def test_scaled_divides_every_statistic_and_keeps_the_count() -> None:
