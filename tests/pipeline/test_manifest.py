@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,160 @@ def test_worker_state_round_trip(tmp_path: Path, s3_bucket: str) -> None:
         assert layer == 3 and torch.equal(state["hidden"], h + 1)
         mf.clear_state(dest)
         assert mf.load_worker_state(dest, 0) is None
+
+
+# ---------------------------------------------------------------- the file format
+
+
+def test_json_is_canonical_and_redacts_the_source(tmp_path: Path) -> None:
+    """Sorted keys, 2-space indent, layer keys as strings, credentials dropped from source_url:
+    manifests of two runs diff line by line."""
+    m = mf.new_manifest(RunConfig(source="s3://key:secret@src/m", dest=str(tmp_path)), FP, "cc")
+    m.record_layer(mf.LayerRecord(index=2, status=mf.LAYER_DONE))
+    m.summary = {"peak_rss_bytes": {"driver": 7}}
+    text = m.to_json()
+    d = json.loads(text)
+    assert text == json.dumps(d, indent=2, sort_keys=True) + "\n"
+    assert set(d) == {f.name for f in dataclasses.fields(mf.Manifest)}
+    assert d["source_url"] == "s3://***@src/m"
+    assert list(d["layers"]) == ["2"]
+    loaded = mf.Manifest.from_json(text)
+    assert loaded.summary == m.summary and loaded.layers == m.layers
+
+
+def test_optional_fields_default_when_absent() -> None:
+    """An older manifest without summary / per-layer figures still loads, with empty defaults."""
+    assert mf.LayerRecord.from_dict({"index": "3", "status": "done"}) == mf.LayerRecord(3, "done")
+    m = mf.Manifest("a", {}, {}, None, {})
+    d = json.loads(m.to_json())
+    del d["summary"]
+    assert mf.Manifest.from_json(json.dumps(d)) == m
+
+
+def test_other_manifest_version_is_refused_by_number() -> None:
+    text = mf.Manifest("a", {}, {}, None, {}, manifest_version=mf.MANIFEST_VERSION + 1).to_json()
+    with pytest.raises(mf.ManifestError, match=rf"^manifest version {mf.MANIFEST_VERSION + 1} is not "
+                                               rf"{mf.MANIFEST_VERSION}$"):
+        mf.Manifest.from_json(text)
+
+
+def test_calibration_hash_ignores_the_integer_dtype() -> None:
+    """Token ids hash by value: the same ids as int32 or int64 are the same calibration data."""
+    t = torch.arange(12).reshape(3, 4)
+    assert mf.calibration_sha256(t.to(torch.int32)) == mf.calibration_sha256(t)
+
+
+# ---------------------------------------------------------------- resume checks
+
+
+def test_diff_paths_reports_added_removed_and_retyped_keys() -> None:
+    old = {"a": {"b": 1, "c": 2}, "d": {"e": 1}, 1: "x"}
+    new = {"a": {"b": 1, "z": 2}, "d": 3, 1: "y"}
+    # Mixed key types (int and str) sort by their text instead of failing.
+    assert mf._diff_paths(old, new) == ["1", "a.c", "a.z", "d"]
+
+
+def _mismatch(m: mf.Manifest, dest: str, fp: dict, calib: str | None, **cfg_kw) -> str:
+    with pytest.raises(mf.ManifestError) as e:
+        mf.check_compatible(m, _cfg(dest, **cfg_kw), fp, calib)
+    return str(e.value)
+
+
+def test_mismatch_messages_list_every_difference(tmp_path: Path) -> None:
+    dest = str(tmp_path)
+    m = _started(dest)
+    fp = {"index_sha256": "zz", "shards": {"model.safetensors": FP["shards"]["model.safetensors"],  # type: ignore[index]
+                                          "extra.safetensors": {"size_bytes": 1}}}
+    assert _mismatch(m, dest, fp, "cc") == (
+        "the source changed since this destination was started (index_sha256, shards.extra.safetensors "
+        "differ); use a new destination or restore the source"
+    )
+    del m.config["calib"]["seed"]  # a field this manifest does not have
+    assert _mismatch(m, dest, FP, "cc", method=MethodConfig(rank=16)) == (
+        "the config differs from the one this destination was started with (calib.seed: '<absent>' -> 0, "
+        "method.rank: 32 -> 16); rerun with the original config or use a new destination"
+    )
+    assert _mismatch(_started(dest), dest, FP, None) == (
+        "the calibration data differs from the one this destination was started with (sha256 cc -> None); "
+        "rerun with the same calib.source / num_samples / seq_len / seed or use a new destination"
+    )
+
+
+def test_resume_ignored_field_covers_its_subfields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = str(tmp_path)
+    m = _started(dest)
+    monkeypatch.setattr(mf, "RESUME_IGNORED_FIELDS", frozenset({"ray_address", "workers"}))
+    mf.check_compatible(m, _cfg(dest, workers=WorkersConfig(num_workers=3, num_cpus_per_worker=2.0)), FP, "cc")
+    with pytest.raises(mf.ManifestError, match=r"calib\.seed: 0 -> 1\)"):
+        mf.check_compatible(m, _cfg(dest, workers=WorkersConfig(num_workers=3), calib=CalibConfig(seed=1)), FP, "cc")
+
+
+def test_an_unfinished_layer_does_not_hide_later_finished_ones(tmp_path: Path) -> None:
+    dest = str(tmp_path)
+    m = mf.new_manifest(_cfg(dest), FP, "cc")
+    m.record_layer(mf.LayerRecord(index=0, status="started"))
+    m.record_layer(mf.LayerRecord(index=1, status=mf.LAYER_DONE))
+    assert mf.finished_layers(m, dest) == {1}
+
+
+# ---------------------------------------------------------------- calibration state
+
+
+def test_worker_states_by_boundary_and_pruning(tmp_path: Path) -> None:
+    dest = str(tmp_path)
+    for layer in (2, 3, 10):
+        mf.save_worker_state(dest, 0, layer, {"hidden": torch.full((2,), float(layer))})
+    mf.save_worker_state(dest, 1, 11, {"hidden": torch.zeros(2)})
+    # Strays in the state folder: another rank's file (same name length) and a copy whose
+    # layer number does not parse; neither is worker 0's latest state.
+    (tmp_path / mf.STATE_DIR / "worker-00000-next-(copy).pt").write_bytes(b"")
+    (tmp_path / mf.STATE_DIR / "worker-00000-next-00012.pt.bak").write_bytes(b"")
+    layer, state = mf.load_worker_state(dest, 0)  # type: ignore[misc]
+    assert layer == 10 and torch.equal(state["hidden"], torch.full((2,), 10.0))
+    assert mf.load_worker_state(dest, 0, 3)[0] == 3  # type: ignore[index]
+    assert mf.load_worker_state(dest, 0, 4) is None
+    mf.prune_worker_states(dest, 0, 10)
+    assert [mf.has_worker_state(dest, 0, k) for k in (2, 3, 10)] == [False, False, True]
+    assert mf.has_worker_state(dest, 1, 11)
+
+
+def test_corrupt_worker_state_names_the_file(tmp_path: Path) -> None:
+    dest = str(tmp_path)
+    mf.save_worker_state(dest, 0, 4, {"hidden": torch.zeros(2)})
+    path = tmp_path / mf.STATE_DIR / "worker-00000-next-00004.pt"
+    path.write_bytes(path.read_bytes()[:-10])  # cut short: torch.load raises RuntimeError
+    with pytest.raises(mf.ManifestError, match=r"^calibration state .*worker-00000-next-00004\.pt is corrupt \(.*\); "
+                                               r"delete \.aser_state/ to recompute it$"):
+        mf.load_worker_state(dest, 0)
+
+
+# ---------------------------------------------------------------- extra cost of the adapter
+
+
+def test_extra_cost_counts_values_and_bits() -> None:
+    cost = mf.extra_cost([((3, 4), 16), ((5, 3), 32)], 100)
+    assert (cost.adapter_values, cost.adapter_bits, cost.quantized_weights) == (27, 3 * 4 * 16 + 5 * 3 * 32, 100)
+    assert cost.to_dict() == {"adapter_values": 27, "adapter_bits": 672, "quantized_weights": 100,
+                              "extra_params_pct": 27.0, "extra_bits_per_weight": 6.72}
+    empty = mf.extra_cost([], 0)
+    assert (empty.percent, empty.bits_per_weight) == (0.0, 0.0)
+
+
+def test_shipped_extra_cost_reads_headers_of_both_formats(tmp_path: Path) -> None:
+    """int-quantized modules count their int8 ``weight``; pack-quantized ones their ``weight_shape``;
+    the adapter counts at its stored dtype. Built by hand so the test needs no export run."""
+    from aser.pipeline import export
+    from aser.pipeline import safetensors_io as sio
+
+    dest = str(tmp_path)
+    base = {
+        "a.weight": torch.zeros(6, 8, dtype=torch.int8), "a.weight_scale": torch.ones(6, 1),
+        "b.weight_packed": torch.zeros(4, 2, dtype=torch.int32), "b.weight_shape": torch.tensor([4, 16]),
+        "b.weight_scale": torch.ones(4, 1), "norm.weight": torch.ones(8),
+    }
+    sio.write_shard(storage.join(dest, sio.SINGLE_NAME), base)
+    assert mf.shipped_extra_cost(dest).to_dict()["adapter_values"] == 0  # no adapter written yet
+    adapter = {"a.lora_A.weight": torch.zeros(2, 8, dtype=torch.bfloat16), "a.lora_B.weight": torch.zeros(6, 2)}
+    sio.write_shard(storage.join(dest, export.ADAPTER_DIR, export.ADAPTER_WEIGHTS_NAME), adapter)
+    cost = mf.shipped_extra_cost(dest)
+    assert (cost.adapter_values, cost.adapter_bits, cost.quantized_weights) == (28, 16 * 16 + 12 * 32, 6 * 8 + 4 * 16)

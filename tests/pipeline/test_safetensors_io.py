@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import uuid
@@ -146,10 +147,28 @@ def test_write_shard_is_deterministic_and_readable(tmp_path: Path) -> None:
     sha, size = sio.write_shard(str(tmp_path / sio.SINGLE_NAME), shuffled)
     data = (tmp_path / sio.SINGLE_NAME).read_bytes()
     assert size == len(data)
-    import hashlib
-
     assert sha == hashlib.sha256(data).hexdigest()
     src = sio.open_source(str(tmp_path))
     assert src.shards[sio.SINGLE_NAME].metadata == {"format": "pt"}
     got = sio.read_tensors(src, t)
     assert all(torch.equal(got[n], t[n]) for n in t)
+
+
+def test_fingerprint_is_the_index_hash_and_each_header_hash(tmp_path: Path) -> None:
+    _write_sharded(tmp_path, _tensors())
+    shards = {}
+    for f in sorted(tmp_path.glob("model-*.safetensors")):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        shards[f.name] = {"size_bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest()}
+    index_sha = hashlib.sha256((tmp_path / sio.INDEX_NAME).read_bytes()).hexdigest()
+    assert sio.open_source(str(tmp_path)).fingerprint() == {"index_sha256": index_sha, "shards": shards}
+
+
+def test_open_file_reads_one_written_shard(tmp_path: Path) -> None:
+    url = str(tmp_path / "x.safetensors") + "/"  # a trailing slash names the same file
+    sio.write_shard(url, {"w": torch.arange(3.0)}, {"b": "2", "a": "1"})
+    src = sio.open_file(url)
+    assert (src.url, src.index_sha256, list(src.shards), list(src.tensors)) == (str(tmp_path), None, ["x.safetensors"], ["w"])
+    assert src.shards["x.safetensors"].metadata == {"format": "pt", "a": "1", "b": "2"}
+    assert torch.equal(sio.read_tensors(src, ["w"])["w"], torch.arange(3.0))
