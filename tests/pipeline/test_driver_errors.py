@@ -1,9 +1,13 @@
-"""Bad input to `aser quantize`: each a clear error naming the cause, DEST never complete."""
+"""Bad input to `aser quantize`: each a clear error naming the cause, DEST never complete. And
+a missing test-data folder: an error in CI, not a silent skip."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,20 @@ def test_nan_weights(ray_cluster: str, stories_dir: Path, tmp_path: Path, calib:
     # Layers before the bad one were finished and recorded; the bad one was not.
     mf = json.loads((dest / "aser_manifest.json").read_text())
     assert {0, 1} <= {int(k) for k in mf["layers"]} and "2" not in mf["layers"]
+
+
+def test_missing_data_fails_in_ci_and_skips_elsewhere(tmp_path: Path) -> None:
+    """tests/conftest.py's data_dir, run in a child pytest on a one-line test: without the data
+    folder it skips on a workstation but fails under CI=true."""
+    (tmp_path / "test_needs_data.py").write_text("def test_it(data_dir):\n    pass\n")
+    tests_dir = Path(__file__).resolve().parents[1]
+    for ci, outcome in (("true", "1 error"), ("", "1 skipped")):
+        env = {**os.environ, "ASER_TEST_DATA": str(tmp_path / "absent"), "CI": ci,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")]))}
+        # -p conftest loads tests/conftest.py as a plugin; -c devnull keeps the project's addopts out.
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-c", os.devnull, "-p", "conftest", "-p", "no:cacheprovider",
+             "--rootdir", str(tmp_path), "test_needs_data.py"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert outcome in proc.stdout, (ci, proc.stdout[-2000:], proc.stderr[-2000:])
