@@ -137,15 +137,18 @@ def _outlier_layer():
     return model.config, simulate.layer_tensors(layer), stats
 
 
-def _objective(tensors, sm, g, cfg) -> float:
-    """What the search claims to minimise for a norm-fed group g, recomputed from a smoothed layer:
-    Σ_i ‖(W_i·diag(m) − Ŵ_i − L_A L_B) X̃‖², with m read back from the fold into the norm."""
-    m = tensors[f"{g.producer}.weight"] / sm.tensors[f"{g.producer}.weight"]
-    st = sm.stats[g.name]
+def _objective(tensors, stats, g, cfg, alpha, f) -> float:
+    """What the search claims to minimise for group g at grid point (alpha, f), from its definition:
+    Σ_i ‖(W_i·diag(m) − Ŵ_i − L_A L_B) X̃‖² with m, O = smoothing_scale(...) and X̃ = X / m."""
+    smoothquant = cfg.smoothing == "smoothquant"
+    weights = [tensors[f"{lin}.weight"] for lin in g.linears]
+    m, O = smoothing_scale(weights, stats[g.name], alpha, f, "all" if smoothquant else cfg.smooth_channels)
+    O = None if smoothquant or cfg.outlier_mode == "none" else O
+    st = stats[g.name].scaled(m)
     total = 0.0
-    for lin in g.linears:
-        W = tensors[f"{lin}.weight"].double() * m
-        total += output_error_sq(W - _recon(reconstruct_linear(W, st, sm.outliers[g.name], cfg)), st.gram)
+    for W in weights:
+        Wm = W.double() * m
+        total += output_error_sq(Wm - _recon(reconstruct_linear(Wm, st, O, cfg)), st.gram)
     return total
 
 
@@ -156,11 +159,8 @@ def test_search_picks_the_grid_point_with_the_least_error():
     sm = smooth_layer(tensors, stats, MethodConfig(alpha_grid=alphas, outlier_grid=fs, **base), config)
     norm_groups = [g for g in groups_for(config) if g.producer_kind == "norm"]
     for g, best_f in zip(norm_groups, (2, 1)):  # qkv has two outlier channels, gate_up one
-        errs = {}
-        for a in alphas:
-            for f in fs:  # each grid point on its own: a one-candidate config runs no search
-                cfg = MethodConfig(alpha=a, num_outliers=f, **base)
-                errs[a, f] = _objective(tensors, smooth_layer(tensors, stats, cfg, config), g, cfg)
+        cfg = MethodConfig(**base)
+        errs = {(a, f): _objective(tensors, stats, g, cfg, a, f) for a in alphas for f in fs}
         chosen = sm.choices[g.name]
         assert chosen["num_outliers"] == best_f
         # The search's figure is the objective of the point it chose, and that is the minimum.
@@ -257,15 +257,16 @@ def test_smoothquant_never_extracts_channels_and_smooths_all_of_them():
                     "post_attention_layernorm.weight": torch.ones(32, dtype=torch.float64),
                     "self_attn.v_proj.weight": W[:32, :32].clone(), "mlp.up_proj.weight": W[:32, :32].clone()})
     sub = StatsAccumulator(32)
-    sub.add(torch.randn(64, 32, dtype=torch.float64) * torch.logspace(0, 1, 32))
+    sub.add(torch.randn(64, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * torch.logspace(0, 1, 32))
     stats = {g: sub.result() for g in ("qkv", "o", "gate_up", "down")}
     config = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 4}
     cfg = MethodConfig(method="smoothquant", alpha_grid=(0.2, 0.8), outlier_grid=(4, 8))
     sm = smooth_layer(tensors, stats, cfg, config)
     # the search scores the smoothed weights W·diag(m) (here m is on every channel)
     qkv = groups_for(config)[0]
-    chosen = MethodConfig(method="smoothquant", alpha=sm.choices["qkv"]["alpha"])
-    assert sm.choices["qkv"]["search_error"] == pytest.approx(_objective(tensors, sm, qkv, chosen), rel=1e-9)
+    errs = [_objective(tensors, stats, qkv, cfg, a, 0) for a in (0.2, 0.8)]
+    assert sm.choices["qkv"]["search_error"] == pytest.approx(min(errs), rel=1e-9)
+    assert sm.choices["qkv"]["alpha"] == (0.2, 0.8)[errs.index(min(errs))] and errs[0] != errs[1]
     for g in ("qkv", "o", "gate_up", "down"):
         assert sm.outliers[g] is None and sm.choices[g]["num_outliers"] == 0.0 and sm.choices[g]["smoothed"] == 1.0
     m = tensors["input_layernorm.weight"] / sm.tensors["input_layernorm.weight"]
