@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -170,5 +171,117 @@ def test_open_file_reads_one_written_shard(tmp_path: Path) -> None:
     sio.write_shard(url, {"w": torch.arange(3.0)}, {"b": "2", "a": "1"})
     src = sio.open_file(url)
     assert (src.url, src.index_sha256, list(src.shards), list(src.tensors)) == (str(tmp_path), None, ["x.safetensors"], ["w"])
+    assert src.shards["x.safetensors"].file == "x.safetensors"
     assert src.shards["x.safetensors"].metadata == {"format": "pt", "a": "1", "b": "2"}
     assert torch.equal(sio.read_tensors(src, ["w"])["w"], torch.arange(3.0))
+
+
+def _raw_file(path: Path, header: object, data: bytes = b"", length: int | None = None) -> str:
+    """A hand-made safetensors file: 8-byte header length (``length`` overrides it), JSON, data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return str(path)
+
+
+def _header_error(url: str) -> str:
+    with pytest.raises(sio.SafetensorsError) as e:
+        sio.read_header(url, "x.safetensors")
+    return str(e.value)
+
+
+def test_header_error_messages_are_exact(tmp_path: Path) -> None:
+    f = tmp_path / "x.safetensors"
+    url = _raw_file(f, [])
+    assert _header_error(url) == f"{url} has a corrupt header: not a JSON object"
+    _raw_file(f, {"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8)
+    assert _header_error(url) == f"{url}: corrupt header entry for tensor w"
+    _raw_file(f, {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0")
+    assert _header_error(url) == f"{url}: tensor w has unsupported dtype F4"
+    # Offsets inside the file but too short for the shape: 4 bytes for two F32 values.
+    _raw_file(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8)
+    assert _header_error(url) == (
+        f"{url}: tensor w (F32 [2]) has data offsets [0, 4) inconsistent with its size or the file size "
+        f"{f.stat().st_size} (truncated file?)"
+    )
+    # A header length with the top bit set is huge (unsigned), not negative.
+    _raw_file(f, {}, length=2**63 + 5)
+    assert _header_error(url) == (
+        f"{url} has a corrupt or truncated header: header length {2**63 + 5}, file size {f.stat().st_size}"
+    )
+    # Exactly 8 bytes holds a header length (0) and an empty header: corrupt, not truncated.
+    f.write_bytes(struct.pack("<Q", 0))
+    assert _header_error(url).startswith(f"{url} has a corrupt header: Expecting value")
+
+
+def test_header_length_limit_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header of exactly MAX_HEADER_BYTES is read; one byte more is refused (a smaller limit
+    stands in for the spec's 100 MB, so the test writes bytes, not megabytes)."""
+    url = _raw_file(tmp_path / "x.safetensors", {"__metadata__": {"k": "v"}})
+    size = len(json.dumps({"__metadata__": {"k": "v"}}))
+    monkeypatch.setattr(sio, "MAX_HEADER_BYTES", size)
+    header = sio.read_header(url, "x.safetensors")
+    assert (header.file, header.metadata, header.tensors) == ("x.safetensors", {"k": "v"}, {})
+    monkeypatch.setattr(sio, "MAX_HEADER_BYTES", size - 1)
+    assert "corrupt or truncated header" in _header_error(url)
+
+
+def test_source_error_messages_are_exact(tmp_path: Path) -> None:
+    with pytest.raises(sio.SafetensorsError, match=f"^{tmp_path} has neither {sio.INDEX_NAME} nor {sio.SINGLE_NAME}$"):
+        sio.open_source(str(tmp_path))
+    (tmp_path / sio.INDEX_NAME).write_text("{}")
+    with pytest.raises(sio.SafetensorsError, match=f"^{tmp_path / sio.INDEX_NAME} is not a valid index: 'weight_map'$"):
+        sio.open_source(str(tmp_path))
+
+
+def test_empty_tensor_keeps_shape_and_dtype(tmp_path: Path) -> None:
+    save_file({"e": torch.zeros(0, 3, dtype=torch.int8), "f": torch.ones(2)}, str(tmp_path / sio.SINGLE_NAME))
+    got = sio.read_tensors(sio.open_source(str(tmp_path)), ["e", "f"])["e"]
+    assert (got.shape, got.dtype) == (torch.Size([0, 3]), torch.int8)
+
+
+def test_missing_tensors_and_inf_messages_are_exact(tmp_path: Path) -> None:
+    w = torch.ones(3)
+    w[1] = float("-inf")
+    url = str(tmp_path / sio.SINGLE_NAME)
+    save_file({"w": w}, url)
+    src = sio.open_source(str(tmp_path))
+    for names, suffix in ((["a"], ""), (["a", "b", "c", "w"], " (and 2 more)")):
+        with pytest.raises(sio.SafetensorsError, match=rf"^tensor a is not in {tmp_path}{re.escape(suffix)}$"):
+            sio.read_tensors(src, names)
+    with pytest.raises(sio.SafetensorsError, match=f"^tensor w in {url} contains Inf values$"):
+        sio.read_tensors(src, ["w"])
+
+
+def _spaced_file(root: Path, gap_bytes: int) -> sio.SourceIndex:
+    """Tensors a, b, c in that order in one file; b (the gap between a and c) is gap_bytes long."""
+    save_file({"a": torch.ones(3), "b": torch.zeros(gap_bytes // 4), "c": torch.full((3,), 2.0)},
+              str(root / sio.SINGLE_NAME))
+    return sio.open_source(str(root))
+
+
+@pytest.mark.parametrize("gap_bytes, reads", [(sio.COALESCE_GAP_BYTES, 1), (sio.COALESCE_GAP_BYTES + 4, 2)])
+def test_coalescing_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gap_bytes: int, reads: int) -> None:
+    """Neighbours up to COALESCE_GAP_BYTES apart are one range request; farther apart, two."""
+    src = _spaced_file(tmp_path, gap_bytes)
+    calls: list[tuple[int | None, int | None]] = []
+    real = storage.read_bytes
+
+    def spy(url: str, start: int | None = None, end: int | None = None) -> bytes:
+        calls.append((start, end))
+        return real(url, start, end)
+
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    got = sio.read_tensors(src, ["a", "c"])
+    assert len(calls) == reads and torch.equal(got["c"], torch.full((3,), 2.0)) and torch.equal(got["a"], torch.ones(3))
+
+
+def test_shard_changed_after_open_is_named(tmp_path: Path) -> None:
+    src = _spaced_file(tmp_path, 16)
+    f = tmp_path / sio.SINGLE_NAME
+    lo, hi = src.tensors["a"].start, src.tensors["c"].end
+    f.write_bytes(f.read_bytes()[:-4])  # c loses its last value
+    with pytest.raises(sio.SafetensorsError, match=f"^shard {f} is truncated: reading a got {hi - lo - 4} of {hi - lo} bytes$"):
+        sio.read_tensors(src, ["a", "c"])
+    f.unlink()
+    with pytest.raises(sio.SafetensorsError, match=f"^shard {f} is missing$"):
+        sio.read_tensors(src, ["a"])
