@@ -48,7 +48,9 @@ if HAS_TRITON:
     # 1.5 * 2^23: adding and subtracting it rounds an fp32 of magnitude < 2^22 to an integer,
     # half to even (the FPU's own rounding). libdevice.rint would be the direct spelling, but
     # the interpreter that runs our CPU tests cannot call libdevice.
-    _RNE_MAGIC = 12582912.0
+    # Globals a kernel reads must be tl.constexpr instances (a plain float compiles only under
+    # the interpreter).
+    _RNE_MAGIC = tl.constexpr(12582912.0)
 
     def _interpreted() -> bool:
         """Whether triton.jit runs kernels in its CPU interpreter (decided, as triton decides it,
@@ -58,7 +60,7 @@ if HAS_TRITON:
             return bool(knobs.runtime.interpret)
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
-    INTERPRETED: tl.constexpr = tl.constexpr(_interpreted())
+    INTERPRETED = tl.constexpr(_interpreted())
 
     @triton.jit
     def round_fp32_to(x, dtype: tl.constexpr):
