@@ -369,3 +369,13 @@ def test_rtn_groups_and_errors_are_scale_free():
     assert output_error_sq(W * 2.0**-20, st.gram) < 1.0
     for k in ("err_before", "err_after"):
         assert tiny.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-9) and tiny.metrics[k] > 0
+
+
+def test_svd_settings_reach_the_lowrank_step():
+    W, st = _linear_problem(10, N=96, K=128)
+
+    def lA(**kw):
+        return reconstruct_linear(W, st, None, MethodConfig(method="er", rank=2, svd="randomized", **kw)).L_A
+    base = lA(svd_niter=1, svd_oversample=4)
+    assert not torch.equal(base, lA(svd_niter=6, svd_oversample=4))
+    assert not torch.equal(base, lA(svd_niter=1, svd_oversample=20))
