@@ -10,7 +10,9 @@ with ``"quantized"`` the actors' next inputs wait for layer i's quantized linear
 
 Resume: the manifest fingerprints source, config and calibration; finished layers are skipped;
 workers reload their hidden states at the first unfinished layer's boundary. A calibration actor
-that dies mid-run is recovered the same way, with new actors (``MAX_RECOVERIES``).
+that dies mid-run is recovered the same way, with new actors (``MAX_RECOVERIES``). The
+manifest's summary records every calibration actor started (rank, attempt, pid, Ray node) and
+every recovery, so a run shows where its shards ran and what it survived.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class _Ctx:
     kill_after: str | None
     kill_worker: tuple[int, int] | None
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Every calibration actor started (rank, attempt, pid, node) and every recovery: what the
+    # manifest shows of where the shards ran and what the run survived.
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
     # Run-level seconds outside the layers: Ray start/connect, starting (or restoring) workers.
     overhead_s: dict[str, float] = field(default_factory=dict)
 
@@ -162,6 +168,8 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
         actors.append(
             Actor.remote(ctx.plan.source_url, ctx.plan.config_dict, ctx.dest, rank, cfg.method, num_threads, kill)
         )
+    places = ray.get([a.placement.remote() for a in actors])
+    ctx.workers += [{"rank": rank, "attempt": attempt, **p} for rank, p in enumerate(places)]
     if start > 0 and all(manifest.has_worker_state(ctx.dest, r, start) for r in range(wc.num_workers)):
         if all(ray.get([a.restore.remote(start) for a in actors])):
             return actors, start
@@ -323,6 +331,7 @@ def run(
                         f"calibration workers died {attempt + 1} times; giving up ({e}). Rerun the "
                         "same command to resume from the last finished layer"
                     ) from e
+                ctx.recoveries.append({"attempt": attempt, "error": f"{type(e).__name__}: {e}"[:500]})
                 print(f"\n[aser] a calibration worker died ({type(e).__name__}); resuming at the last "
                       "finished layer with new workers", file=sys.stderr)
         bar.close()
@@ -367,6 +376,8 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         "total_size_bytes": fin.total_size_bytes,
         "num_workers": ctx.config.workers.num_workers,
         "processes": procs,
+        "workers": ctx.workers,
+        "recoveries": ctx.recoveries,
     }
 
 

@@ -17,6 +17,7 @@ Every retry setting is explicit here, with its reason:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -29,6 +30,14 @@ ACTOR_MAX_TASK_RETRIES = 0
 TASK_MAX_RETRIES = 3  # pure / idempotent work: safe to rerun after a worker process dies
 STORAGE_RETRY_EXCEPTIONS: list[type[BaseException]] = [OSError]  # transient storage errors only
 RECONSTRUCT_NUM_CPUS = 1.0  # matches layer_tasks.TASK_THREADS
+
+
+class PlacedCalibrationWorker(CalibrationWorker):
+    """The worker as an actor: also says where it runs (the worker class itself knows no Ray)."""
+
+    def placement(self) -> dict[str, Any]:
+        """This actor's process and Ray node, recorded in the manifest (which node did what)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
@@ -44,7 +53,7 @@ def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
         # Calls run one at a time, in submission order: collect(i), advance(i), collect(i+1)...
         max_concurrency=1,
     )
-    return ray.remote(**opts)(CalibrationWorker)
+    return ray.remote(**opts)(PlacedCalibrationWorker)
 
 
 def _task(fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0) -> Any:
