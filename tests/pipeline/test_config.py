@@ -15,7 +15,9 @@ from aser.pipeline.config import (
     ConfigError,
     RunConfig,
     WorkersConfig,
+    from_dict,
     from_yaml,
+    to_dict,
 )
 from aser.workers.reconstruct import MethodConfig
 
@@ -25,6 +27,7 @@ def test_defaults_round_trip_through_json() -> None:
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["version"] == CONFIG_VERSION
     assert RunConfig.from_dict(d) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
     assert cfg.output_format == "w4a8"
 
 

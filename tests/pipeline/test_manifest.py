@@ -220,6 +220,9 @@ def test_worker_states_by_boundary_and_pruning(tmp_path: Path) -> None:
     mf.prune_worker_states(dest, 0, 10)
     assert [mf.has_worker_state(dest, 0, k) for k in (2, 3, 10)] == [False, False, True]
     assert mf.has_worker_state(dest, 1, 11)
+    mf.save_manifest(dest, mf.new_manifest(_cfg(dest), FP, "cc"))
+    mf.clear_state(dest)  # the state folder only, not the destination's files
+    assert not (tmp_path / mf.STATE_DIR).exists() and mf.load_manifest(dest) is not None
 
 
 def test_corrupt_worker_state_names_the_file(tmp_path: Path) -> None:

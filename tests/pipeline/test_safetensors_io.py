@@ -137,7 +137,8 @@ def test_nan_weight_is_named(tmp_path: Path) -> None:
     save_file({"model.layers.0.mlp.up_proj.weight": w, "ok": torch.ones(2)}, str(tmp_path / sio.SINGLE_NAME))
     src = sio.open_source(str(tmp_path))
     assert torch.equal(sio.read_tensors(src, ["ok"])["ok"], torch.ones(2))
-    with pytest.raises(sio.SafetensorsError, match="model.layers.0.mlp.up_proj.weight .*NaN"):
+    with pytest.raises(sio.SafetensorsError,
+                       match=rf"^tensor model.layers.0.mlp.up_proj.weight in {tmp_path}/{sio.SINGLE_NAME} contains NaN values$"):
         sio.read_tensors(src, ["model.layers.0.mlp.up_proj.weight"])
 
 
@@ -167,12 +168,13 @@ def test_fingerprint_is_the_index_hash_and_each_header_hash(tmp_path: Path) -> N
 
 
 def test_open_file_reads_one_written_shard(tmp_path: Path) -> None:
-    url = str(tmp_path / "x.safetensors") + "/"  # a trailing slash names the same file
+    # A trailing slash names the same file; only slashes are stripped (the name ends in X).
+    url = str(tmp_path / "shard.X") + "/"
     sio.write_shard(url, {"w": torch.arange(3.0)}, {"b": "2", "a": "1"})
     src = sio.open_file(url)
-    assert (src.url, src.index_sha256, list(src.shards), list(src.tensors)) == (str(tmp_path), None, ["x.safetensors"], ["w"])
-    assert src.shards["x.safetensors"].file == "x.safetensors"
-    assert src.shards["x.safetensors"].metadata == {"format": "pt", "a": "1", "b": "2"}
+    assert (src.url, src.index_sha256, list(src.shards), list(src.tensors)) == (str(tmp_path), None, ["shard.X"], ["w"])
+    assert src.shards["shard.X"].file == "shard.X"
+    assert src.shards["shard.X"].metadata == {"format": "pt", "a": "1", "b": "2"}
     assert torch.equal(sio.read_tensors(src, ["w"])["w"], torch.arange(3.0))
 
 
@@ -245,7 +247,7 @@ def test_missing_tensors_and_inf_messages_are_exact(tmp_path: Path) -> None:
     url = str(tmp_path / sio.SINGLE_NAME)
     save_file({"w": w}, url)
     src = sio.open_source(str(tmp_path))
-    for names, suffix in ((["a"], ""), (["a", "b", "c", "w"], " (and 2 more)")):
+    for names, suffix in ((["a"], ""), (["a", "b", "w"], " (and 1 more)")):
         with pytest.raises(sio.SafetensorsError, match=rf"^tensor a is not in {tmp_path}{re.escape(suffix)}$"):
             sio.read_tensors(src, names)
     with pytest.raises(sio.SafetensorsError, match=f"^tensor w in {url} contains Inf values$"):
