@@ -67,7 +67,7 @@ def test_activation_per_token_codes_and_scale():
     torch.manual_seed(3)
     x = torch.randn(2, 5, 40, dtype=torch.float64)
     q, scale = quant.quantize_activation(x, 8)
-    assert scale.shape == (2, 5, 1) and q.shape == x.shape
+    assert scale.shape == (2, 5, 1) and q.shape == x.shape and q.dtype == torch.int8
     assert int(q.min()) >= -128 and int(q.max()) <= 127
     torch.testing.assert_close(scale, x.abs().amax(-1, keepdim=True) / 127.5, rtol=0, atol=0)
     assert ((quant.fake_quantize_activation(x, 8) - x).abs() <= scale / 2 + 1e-15).all()
@@ -131,7 +131,7 @@ def test_pack_accepts_the_whole_int4_range_and_nothing_else() -> None:
     assert torch.equal(quant.unpack_int4(quant.pack_int4(edge), (1, 2)), edge)
     assert quant.pack_int4(torch.zeros(2, 0, dtype=torch.int8)).shape == (2, 0)
     for bad in ([[-9, 0]], [[0, 8]]):
-        with pytest.raises(ValueError, match=r"outside the INT4 range \[-8, 7\]"):
+        with pytest.raises(ValueError, match=r"^pack_int4: codes outside the INT4 range \[-8, 7\]$"):
             quant.pack_int4(torch.tensor(bad, dtype=torch.int8))
     with pytest.raises(ValueError, match="takes int8 codes, got torch.int32"):
         quant.pack_int4(torch.zeros(1, 8, dtype=torch.int32))

@@ -81,6 +81,9 @@ def test_defaults_are_the_documented_ones() -> None:
         assert torch.equal(a.L_A, b.L_A) and torch.equal(a.L_B, b.L_B)
         c, d = f(*args), f(*args, svd="exact")
         assert torch.equal(c.L_A, d.L_A) and torch.equal(c.L_B, d.L_B)
+        # and the arguments are passed on: the sketch differs from the exact SVD and by niter
+        assert not torch.equal(a.L_A, c.L_A)
+        assert not torch.equal(f(*args, svd="randomized", niter=1).L_A, f(*args, svd="randomized", niter=6).L_A)
     assert whitened_lowrank(E, G, 4).damp == 1e-2
     # the knobs reach the sketch: power iterations and rank 1 (the smallest the sketch serves)
     assert not torch.equal(plain_lowrank(E, 4, svd="randomized", niter=1).L_A, plain_lowrank(E, 4, svd="randomized", niter=6).L_A)
@@ -188,6 +191,10 @@ def test_l2qer_weights_columns_by_normalised_mean_abs() -> None:
     # best rank-3 approximation in the s-weighted norm: the residual is the sigma tail
     resid = float((((E - lr.L_A @ lr.L_B) * s) ** 2).sum())
     assert resid == pytest.approx(float((lr.sigma[3:] ** 2).sum()), rel=1e-9)
+    # fp32 statistics are weighted in E's precision (fp64), not rounded to fp32 first
+    lr32 = l2qer_lowrank(E, mean_abs.float(), 3, svd="exact")
+    m32 = mean_abs.float().double()
+    torch.testing.assert_close(lr32.sigma, torch.linalg.svdvals(E * m32 / torch.sqrt(m32.min() * m32.max())), rtol=1e-12, atol=0)
     # a channel that never fires is clamped, not divided by zero
     dead = mean_abs.clone()
     dead[0] = 0.0

@@ -185,8 +185,8 @@ def test_config_errors_name_the_field():
         MethodConfig(rank=-1).validate()
     with pytest.raises(ValueError, match="method.method"):
         MethodConfig(method="awq").validate()
-    with pytest.raises(ValueError, match="unknown method field"):
-        MethodConfig.from_dict({"rnak": 3})
+    with pytest.raises(ValueError, match="^unknown method field\\(s\\): alhpa, rnak$"):
+        MethodConfig.from_dict({"rnak": 3, "alhpa": 0.5})
     cfg = MethodConfig(alpha_grid=(0.25, 0.5))
     assert MethodConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -199,7 +199,7 @@ def test_unsupported_architecture_is_a_clear_error():
 @pytest.mark.parametrize("field,bad,good,why", [
     ("rank", -1, 0, "must be >= 0"), ("w_bits", 1, 2, "must be in [2, 8]"), ("w_bits", 9, 8, "must be in [2, 8]"),
     ("a_bits", 1, 2, "must be in [2, 8] or None"), ("a_bits", 9, None, "must be in [2, 8] or None"),
-    ("group_size", 0, None, "must be > 0 or None"), ("alpha", -0.01, 0.0, "must be in [0, 1]"),
+    ("group_size", 0, 1, "must be > 0 or None"), ("alpha", -0.01, 0.0, "must be in [0, 1]"),
     ("alpha", 1.01, 1.0, "must be in [0, 1]"), ("alpha_grid", (0.5, 1.5), (0.0, 1.0), "must be in [0, 1]"),
     ("alpha_grid", (-0.5,), (0.5,), "must be in [0, 1]"), ("num_outliers", -1, 0, "must be >= 0"),
     ("outlier_grid", (2, -1), (0, 2), "must be >= 0"),
@@ -335,14 +335,16 @@ def test_quantize_layer_reconstructs_every_linear_of_the_smoothed_layer():
     model = _tiny("gqa")
     layer, _, _, stats = _layer_stats(model, torch.randint(0, 64, (4, 8)))
     cfg = MethodConfig(method="aser", rank=2, num_outliers=2)
-    seen = []
+    seen, returned = [], []
 
     def spy(W, st, O, c, *, scale_dtype):
         seen.append((W, st, O))
-        return reconstruct_linear(W, st, O, c, scale_dtype=scale_dtype)
+        returned.append(reconstruct_linear(W, st, O, c, scale_dtype=scale_dtype))
+        return returned[-1]
 
     sm, results = quantize_layer(simulate.layer_tensors(layer), stats, cfg, model.config, reconstruct=spy)
     assert list(results) == list(linear_names(model.config))
+    assert all(r is s for r, s in zip(results.values(), returned))
     for (W, st, O), lin in zip(seen, results):
         g = next(g for g in groups_for(model.config) if lin in g.linears)
         assert W is sm.tensors[f"{lin}.weight"] and st is sm.stats[g.name] and O is sm.outliers[g.name]
