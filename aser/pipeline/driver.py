@@ -250,11 +250,16 @@ def _init_ray(config: RunConfig) -> bool:
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
     if config.ray_address:
         ray.init(address=config.ray_address, **kw)
+    elif os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` Ray's own variable names the cluster the job belongs to.
+        ray.init(**kw)
     else:
+        # "local", not None: None would silently join whatever cluster another process on this
+        # machine last started (Ray's /tmp/ray/ray_current_cluster), with its resources.
         wc = config.workers
         # Actors hold their CPUs for the whole run; the tasks need at least one more.
         need = math.ceil(wc.num_workers * wc.num_cpus_per_worker) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), **kw)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), **kw)
     return True
 
 

@@ -125,3 +125,24 @@ def test_missing_data_fails_in_ci_and_skips_elsewhere(tmp_path: Path) -> None:
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
         )
         assert outcome in proc.stdout, (ci, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "expected"),
+    [(None, None, "local"), (None, "ray://head:10001", None), ("ray://other:10001", "ray://head:10001", "ray://other:10001")],
+)
+def test_ray_address(address: str | None, env: str | None, expected: str | None,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --address starts a private local Ray ("local"), never joining a cluster another process
+    on the machine started; inside `ray job submit` (RAY_ADDRESS set) Ray finds its cluster; an
+    explicit --address wins."""
+    calls: list[dict] = []
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "init", lambda **kw: calls.append(kw))
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert driver._init_ray(run_config("src", "dest", "calib", ray_address=address)) is True
+    assert calls and calls[0].get("address") == expected
+    assert ("num_cpus" in calls[0]) == (expected == "local")
