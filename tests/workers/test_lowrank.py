@@ -139,9 +139,10 @@ def test_reported_damping_tries_and_timings() -> None:
 
 
 def test_auto_svd_is_randomized_only_for_ranks_far_below_the_size() -> None:
-    E, G, _ = _problem(N=96, K=120, T=300, seed=5)
-    # min(N, K) // 4 = 24: rank 4 + oversample 8 < 24 goes randomized, rank 20 + 8 does not.
-    for rank, same_as in ((4, "randomized"), (20, "exact")):
+    E, G, _ = _problem(N=98, K=120, T=300, seed=5)
+    # min(N, K) // 4 = 24 (98 / 4 = 24.5): rank 12 + oversample 8 = 20 < 24 goes randomized,
+    # rank 16 + 8 = 24 (the boundary) does not.
+    for rank, same_as in ((12, "randomized"), (16, "exact")):
         auto = plain_lowrank(E, rank, svd="auto", oversample=8)
         ref = plain_lowrank(E, rank, svd=same_as, oversample=8)
         assert torch.equal(auto.L_A, ref.L_A) and torch.equal(auto.L_B, ref.L_B)
@@ -171,6 +172,10 @@ def test_energy_rank_edges() -> None:
     assert whitened_lowrank(E, G, 5, energy=1.0).L_A.shape == (24, 5)  # capped at the max rank
     full = whitened_lowrank(E, G, 24, damp=1e-12, energy=1.0)
     assert full.L_A.shape == (24, 24)
+    # an energy target needs all singular values: it runs the exact SVD whatever svd says
+    rnd = whitened_lowrank(E, G, 24, damp=1e-12, energy=0.5, svd="randomized")
+    ex = whitened_lowrank(E, G, 24, damp=1e-12, energy=0.5, svd="exact")
+    assert torch.equal(rnd.L_A, ex.L_A)
     top = whitened_lowrank(E, G, 24, damp=1e-12, energy=1e-9)
     assert top.L_A.shape == (24, 1) and top.sigma.shape == (24,)
 

@@ -272,7 +272,11 @@ def test_smoothquant_never_extracts_channels_and_smooths_all_of_them():
     m = tensors["input_layernorm.weight"] / sm.tensors["input_layernorm.weight"]
     assert (m != 1.0).all()  # every channel smoothed, not only outliers
     sm_rtn = smooth_layer(tensors, stats, MethodConfig(method="rtn"), {"model_type": "llama"})
-    assert sm_rtn.tensors == tensors and all(o is None for o in sm_rtn.outliers.values()) and sm_rtn.choices == {}
+    assert sm_rtn.tensors == tensors and sm_rtn.outliers == dict.fromkeys(("qkv", "o", "gate_up", "down")) and sm_rtn.choices == {}
+    # no grid, no search: the one candidate is taken and reported with search_error 0
+    one = smooth_layer(tensors, stats, MethodConfig(method="aser", num_outliers=2, outlier_mode="none"), config)
+    assert all(o is None for o in one.outliers.values())  # outlier_mode none extracts nothing
+    assert {c["search_error"] for c in one.choices.values()} == {0.0}
 
 
 def test_metrics_are_what_they_say():
@@ -376,8 +380,27 @@ def test_rtn_groups_and_errors_are_scale_free():
 def test_svd_settings_reach_the_lowrank_step():
     W, st = _linear_problem(10, N=96, K=128)
 
-    def lA(**kw):
-        return reconstruct_linear(W, st, None, MethodConfig(method="er", rank=2, svd="randomized", **kw)).L_A
-    base = lA(svd_niter=1, svd_oversample=4)
-    assert not torch.equal(base, lA(svd_niter=6, svd_oversample=4))
-    assert not torch.equal(base, lA(svd_niter=1, svd_oversample=20))
+    def lA(method, **kw):
+        return reconstruct_linear(W, st, None, MethodConfig(method=method, rank=2, svd="randomized", **kw)).L_A
+
+    for method in ("er", "lorc", "l2qer"):
+        base = lA(method, svd_niter=1, svd_oversample=4)
+        assert not torch.equal(base, lA(method, svd_niter=6, svd_oversample=4))
+        assert not torch.equal(base, lA(method, svd_niter=1, svd_oversample=20))
+
+
+def test_rank_settings_reach_the_lowrank_step():
+    W, st = _linear_problem(11)
+    for method in ("rtn", "gptq", "smoothquant"):  # no low-rank part, whatever the rank
+        assert reconstruct_linear(W, st, None, MethodConfig(method=method, rank=8)).L_A is None
+    assert reconstruct_linear(W, st, None, MethodConfig(method="er", rank=1)).rank == 1
+    energy = reconstruct_linear(W, st, None, MethodConfig(method="er", rank=16, rank_energy=1e-9, svd="exact"))
+    assert energy.rank == 1
+
+
+def test_gptq_damping_reaches_the_quantizer():
+    W, st = _linear_problem(12)
+    for O in (None, torch.tensor([3])):
+        a = reconstruct_linear(W, st, O, MethodConfig(method="gptq+aser", rank=0, gptq_damp=1e-3))
+        b = reconstruct_linear(W, st, O, MethodConfig(method="gptq+aser", rank=0, gptq_damp=10.0))
+        assert not torch.equal(a.q, b.q)
