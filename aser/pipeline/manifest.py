@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -140,13 +141,23 @@ def calibration_sha256(token_ids: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _recorded_config(config: RunConfig) -> dict[str, Any]:
+    """The config as the manifest records it: URLs without ``user:password@``, because the
+    manifest is written to the destination, where anyone who can read the model reads it."""
+    d = config.to_dict()
+    d["source"], d["dest"] = storage.redact(d["source"]), storage.redact(d["dest"])
+    if d["calib"].get("source"):
+        d["calib"]["source"] = storage.redact(d["calib"]["source"])
+    return d
+
+
 def new_manifest(
     config: RunConfig, source_fingerprint: Mapping[str, Any], calibration_sha: str | None
 ) -> Manifest:
     return Manifest(
         source_url=config.source,
         source_fingerprint=dict(source_fingerprint),
-        config=config.to_dict(),
+        config=_recorded_config(config),
         calibration_sha256=calibration_sha,
         versions=library_versions(),
     )
@@ -199,7 +210,7 @@ def check_compatible(
             f"the source changed since this destination was started ({', '.join(changed_source)} "
             "differ); use a new destination or restore the source"
         )
-    new_config = json.loads(json.dumps(config.to_dict()))
+    new_config = json.loads(json.dumps(_recorded_config(config)))
     changed = [
         p
         for p in _diff_paths(manifest.config, new_config)
@@ -299,9 +310,11 @@ def load_worker_state(
     try:
         obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
         return int(obj["next_layer"]), dict(obj["tensors"])
-    except (RuntimeError, KeyError, EOFError) as e:
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise ManifestError(
-            f"calibration state {storage.redact(url)} is corrupt ({e}); delete "
+            # torch's messages run to paragraphs of advice about weights_only; one line is enough.
+            f"calibration state {storage.redact(url)} is corrupt ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}); delete "
             f"{STATE_DIR}/ to recompute it"
         ) from e
 

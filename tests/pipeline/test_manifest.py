@@ -121,6 +121,7 @@ def test_json_is_canonical_and_redacts_the_source(tmp_path: Path) -> None:
     assert text == json.dumps(d, indent=2, sort_keys=True) + "\n"
     assert set(d) == {f.name for f in dataclasses.fields(mf.Manifest)}
     assert d["source_url"] == "s3://***@src/m"
+    assert "secret" not in text and d["config"]["source"] == "s3://***@src/m"
     assert list(d["layers"]) == ["2"]
     loaded = mf.Manifest.from_json(text)
     assert loaded.summary == m.summary and loaded.layers == m.layers
@@ -225,11 +226,13 @@ def test_worker_states_by_boundary_and_pruning(tmp_path: Path) -> None:
     assert not (tmp_path / mf.STATE_DIR).exists() and mf.load_manifest(dest) is not None
 
 
-def test_corrupt_worker_state_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_worker_state_names_the_file(tmp_path: Path, damage: str) -> None:
     dest = str(tmp_path)
     mf.save_worker_state(dest, 0, 4, {"hidden": torch.zeros(2)})
     path = tmp_path / mf.STATE_DIR / "worker-00000-next-00004.pt"
-    path.write_bytes(path.read_bytes()[:-10])  # cut short: torch.load raises RuntimeError
+    # cut short: torch.load raises RuntimeError; not a zip at all: pickle.UnpicklingError
+    path.write_bytes(path.read_bytes()[:-10] if damage == "truncated" else b"garbage")
     with pytest.raises(mf.ManifestError, match=r"^calibration state .*worker-00000-next-00004\.pt is corrupt \(.*\); "
                                                r"delete \.aser_state/ to recompute it$"):
         mf.load_worker_state(dest, 0)
@@ -265,3 +268,15 @@ def test_shipped_extra_cost_reads_headers_of_both_formats(tmp_path: Path) -> Non
     sio.write_shard(storage.join(dest, export.ADAPTER_DIR, export.ADAPTER_WEIGHTS_NAME), adapter)
     cost = mf.shipped_extra_cost(dest)
     assert (cost.adapter_values, cost.adapter_bits, cost.quantized_weights) == (28, 16 * 16 + 12 * 32, 6 * 8 + 4 * 16)
+
+
+def test_credentials_never_reach_the_manifest_and_resume_still_matches(tmp_path: Path) -> None:
+    """The manifest is written to DEST, readable by anyone who can read the model: no URL in it
+    keeps a ``user:password@``; a rerun with the same URLs is still the same config."""
+    cfg = RunConfig(source="s3://key:secret@src/m", dest=str(tmp_path),
+                    calib=CalibConfig(source="s3://k2:s2@data/c.txt"))
+    m = mf.new_manifest(cfg, FP, "cc")
+    text = m.to_json()
+    assert "secret" not in text and "s2" not in text
+    assert m.config["calib"]["source"] == "s3://***@data/c.txt"
+    mf.check_compatible(mf.Manifest.from_json(text), cfg, FP, "cc")
