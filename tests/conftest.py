@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The unit tests' matrices are tiny: on a 2-core machine torch's intra-op threads spin more than
+# they work (the numerics tests took 51 s of wall time with default threads, 12 s with one). Ray's
+# workers are other processes and keep their own settings.
+torch.set_num_threads(1)
 
 DATA = Path(os.environ.get("ASER_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # CI services set CI=true; there a missing data folder is a broken setup, not an optional extra.
