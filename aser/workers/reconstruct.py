@@ -74,10 +74,14 @@ class MethodConfig:
             raise bad("a_bits", "must be in [2, 8] or None")
         if self.group_size is not None and self.group_size <= 0:
             raise bad("group_size", "must be > 0 or None")
-        if not 0.0 <= self.alpha <= 1.0 or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+        if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "must be in [0, 1]")
-        if self.num_outliers < 0 or any(f < 0 for f in self.outlier_grid):
+        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise bad("alpha_grid", "values must be in [0, 1]")
+        if self.num_outliers < 0:
             raise bad("num_outliers", "must be >= 0")
+        if any(f < 0 for f in self.outlier_grid):
+            raise bad("outlier_grid", "values must be >= 0")
         if self.outlier_mode not in OUTLIER_MODES:
             raise bad("outlier_mode", f"must be one of {OUTLIER_MODES}")
         if self.smooth_channels not in SMOOTH_CHANNELS:
