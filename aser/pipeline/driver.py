@@ -359,6 +359,8 @@ def run(
     _note_processes(ctx, [process_info("driver")])
     wall = time.perf_counter() - t0
     mf.summary.update(_summary(ctx, wall, time.perf_counter() - t_fin, fin))
+    # Counted on the headers of what was written, so the figure cannot drift from what ships.
+    mf.summary["extra"] = manifest.shipped_extra_cost(config.dest).to_dict()
     _save(ctx)
     manifest.clear_state(config.dest)
     return RunResult(config.dest, "complete", mf, wall)

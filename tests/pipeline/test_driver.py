@@ -73,6 +73,11 @@ def test_manifest_metrics_and_finished_dest_left_alone(reference_dest: str, path
     assert {"load", "forward", "smooth", "reconstruct", "write"} <= set(layer["seconds"])
     assert layer["bytes_read"] > 0 and layer["bytes_written"] > 0
     roles = {p["role"] for p in mf["summary"]["processes"]}
+    extra = mf["summary"]["extra"]  # what ships, counted on the written adapter
+    adapter = st_load(Path(dest, "aser_adapter", "adapter_model.safetensors").read_bytes())
+    assert extra["adapter_values"] == sum(t.numel() for t in adapter.values()) > 0
+    assert extra["adapter_bits"] == sum(8 * t.numel() * t.element_size() for t in adapter.values())
+    assert extra["extra_bits_per_weight"] == pytest.approx(extra["adapter_bits"] / extra["quantized_weights"])
     assert "driver" in roles and "calibration" in roles
     assert mf["calibration_sha256"] and mf["config"]["calib"]["num_samples"] == NUM_SAMPLES
     before = Path(dest, "model.safetensors.index.json").stat().st_mtime_ns
