@@ -114,3 +114,17 @@ def test_group_size_must_divide_k() -> None:
     W, H = _problem()
     with pytest.raises(ValueError, match="group_size 5 must divide K=24"):
         gptq_quantize(W, H, 4, group_size=5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_error_feedback_past_the_row_scale_is_clamped_at_both_ends(bits: int) -> None:
+    """The row scale comes from the weights before the sweep; error feedback can push a later
+    column a whole step past ±absmax (here: input 0 is 4x input 1 and they are 99 % correlated,
+    so column 0's rounding error moves column 1 by about 1.8 steps). Codes stay in range."""
+    qmin, qmax = int_range(bits)
+    a = 4.0
+    H = torch.tensor([[a * a, 0.99 * a], [0.99 * a, 1.0]], dtype=torch.float64)
+    edge = qmax + 0.5  # the row's absmax in units of its scale
+    W = torch.tensor([[-0.45, -edge], [0.45, edge]], dtype=torch.float64)
+    Q, _ = gptq_quantize(W, H, bits, damp=1e-6)
+    assert Q[:, 1].tolist() == [qmin, qmax]  # without either clamp: qmin - 1 or qmax + 1
