@@ -59,10 +59,8 @@ def test_single_file_in_memory_fs() -> None:
     assert all(torch.equal(got[n], t[n]) for n in t)
 
 
-def test_reads_only_the_needed_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    t = {"big": torch.zeros(1 << 20), "small": torch.ones(3)}  # 4 MiB + 12 B
-    save_file(t, str(tmp_path / sio.SINGLE_NAME))
-    src = sio.open_source(str(tmp_path))
+def _spy_range_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int | None, int | None]]:
+    """Record the (start, end) of every storage read from now on."""
     calls: list[tuple[int | None, int | None]] = []
     real = storage.read_bytes
 
@@ -71,6 +69,14 @@ def test_reads_only_the_needed_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyP
         return real(url, start, end)
 
     monkeypatch.setattr(storage, "read_bytes", spy)
+    return calls
+
+
+def test_reads_only_the_needed_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = {"big": torch.zeros(1 << 20), "small": torch.ones(3)}  # 4 MiB + 12 B
+    save_file(t, str(tmp_path / sio.SINGLE_NAME))
+    src = sio.open_source(str(tmp_path))
+    calls = _spy_range_reads(monkeypatch)
     assert torch.equal(sio.read_tensors(src, ["small"])["small"], t["small"])
     assert len(calls) == 1 and calls[0][1] - calls[0][0] == 12  # type: ignore[operator]
 
@@ -265,14 +271,7 @@ def _spaced_file(root: Path, gap_bytes: int) -> sio.SourceIndex:
 def test_coalescing_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gap_bytes: int, reads: int) -> None:
     """Neighbours up to COALESCE_GAP_BYTES apart are one range request; farther apart, two."""
     src = _spaced_file(tmp_path, gap_bytes)
-    calls: list[tuple[int | None, int | None]] = []
-    real = storage.read_bytes
-
-    def spy(url: str, start: int | None = None, end: int | None = None) -> bytes:
-        calls.append((start, end))
-        return real(url, start, end)
-
-    monkeypatch.setattr(storage, "read_bytes", spy)
+    calls = _spy_range_reads(monkeypatch)
     got = sio.read_tensors(src, ["a", "c"])
     assert len(calls) == reads and torch.equal(got["c"], torch.full((3,), 2.0)) and torch.equal(got["a"], torch.ones(3))
 
