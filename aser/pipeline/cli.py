@@ -11,13 +11,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aser.pipeline.config import PROPAGATE_MODES, CalibConfig
+from aser.pipeline.config import A_BITS_WEIGHT_ONLY, PROPAGATE_MODES, CalibConfig
+from aser.pipeline.sources import DEFAULT_SOURCE
 from aser.workers.reconstruct import METHODS, MethodConfig
 
 if TYPE_CHECKING:
     from aser.pipeline.manifest import ExtraCost
-
-DEFAULT_SOURCE = "builtin:smollm2-135m"
 
 
 # dests of add_method_flags: each one a MethodConfig field of the same name.
@@ -25,8 +24,6 @@ METHOD_FLAGS = (
     "method", "rank", "w_bits", "a_bits", "group_size", "alpha", "num_outliers", "outlier_mode",
     "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd", "rank_energy",
 )
-# --a-bits 16: no activation quantization (weight-only, W4A16), which MethodConfig spells None.
-A_BITS_WEIGHT_ONLY = 16
 
 
 def _a_bits(s: str) -> int | None:

@@ -16,8 +16,8 @@ import sys
 from typing import Any
 
 from aser.pipeline.cli import add_method_flags, given_method_fields
+from aser.pipeline.sources import DEFAULT_SOURCE
 
-DEFAULT_SOURCE = "builtin:smollm2-135m"
 DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
 # Test hooks (crash the driver at a point, or one worker mid-layer); read here, where the
 # environment may be read, and passed to the driver as arguments.
