@@ -88,16 +88,31 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    """Calibration workers (one Ray actor each) and the resources each one asks for."""
+    """Calibration workers (one Ray actor each) and the resources each one asks for.
 
-    num_workers: int = 1
+    ``None`` means "from the cluster" (``driver.resolve_resources``): on a cluster with GPUs,
+    one calibration worker per GPU with ``CALIB_GPU_FRACTION`` of it, and reconstruction tasks
+    with ``RECONSTRUCT_GPU_FRACTION`` each, so both share every GPU; without GPUs, one worker and
+    no GPU anywhere.
+    """
+
+    num_workers: int | None = None
     num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
+    num_gpus_per_worker: float | None = None
+    # GPUs (a fraction: several tasks share one) per reconstruction task.
+    reconstruct_gpus: float | None = None
 
     def __post_init__(self) -> None:
-        _check_int("workers.num_workers", self.num_workers, 1)
+        if self.num_workers is not None:
+            _check_int("workers.num_workers", self.num_workers, 1)
         _check_number("workers.num_cpus_per_worker", self.num_cpus_per_worker, 0.0)
-        _check_number("workers.num_gpus_per_worker", self.num_gpus_per_worker, 0.0)
+        if self.num_gpus_per_worker is not None:
+            _check_number("workers.num_gpus_per_worker", self.num_gpus_per_worker, 0.0)
+        if self.reconstruct_gpus is not None:
+            _check_number("workers.reconstruct_gpus", self.reconstruct_gpus, 0.0)
+            if self.reconstruct_gpus > 1:
+                raise ConfigError(f"workers.reconstruct_gpus must be <= 1 (a task runs on one GPU), "
+                                  f"got {self.reconstruct_gpus}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ every recovery, so a run shows where its shards ran and what it survived.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -32,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from aser.pipeline import export, manifest, storage
 from aser.pipeline.calib_tokens import calibration_tokens
-from aser.pipeline.config import RunConfig
+from aser.pipeline.config import RunConfig, WorkersConfig
 from aser.pipeline.plan import Plan, make_plan
 from aser.workers import layer_tasks
 from aser.workers.calibration import StepInfo, process_info
@@ -44,10 +45,64 @@ MAX_INFLIGHT_LAYERS = 2
 # New sets of calibration actors after one dies, before the run gives up.
 MAX_RECOVERIES = 2
 EMBED_INDEX = -1  # manifest index of the embedding stage; the head is num_layers
+# Defaults on a cluster with GPUs: each GPU hosts one calibration actor (half of it: its forward
+# is short and memory-bound) and shares the rest among reconstruction tasks (Cholesky, SVD,
+# GPTQ of one linear each), so both kinds of work use every GPU and neither can starve the other.
+CALIB_GPU_FRACTION = 0.5
+RECONSTRUCT_GPU_FRACTION = 0.25
 
 
 class PipelineError(ValueError):
     """The run cannot proceed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the run asks Ray for, resolved from the config and the cluster's resources."""
+
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    reconstruct_gpus: float
+    cluster_gpus: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def workers_config(self) -> WorkersConfig:
+        return WorkersConfig(num_workers=self.num_workers, num_cpus_per_worker=self.cpus_per_worker,
+                             num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus)
+
+
+def resolve_resources(wc: WorkersConfig, cluster: dict[str, float]) -> Resources:
+    """Fill the config's ``None`` (auto) fields from ``ray.cluster_resources()``, and refuse what
+    the cluster can never grant (Ray would wait for it forever)."""
+    gpus = float(cluster.get("GPU", 0.0))
+    num_workers = wc.num_workers if wc.num_workers is not None else max(1, int(gpus))
+    per_worker = wc.num_gpus_per_worker
+    if per_worker is None:
+        per_worker = CALIB_GPU_FRACTION if gpus >= num_workers * CALIB_GPU_FRACTION else 0.0
+    recon = wc.reconstruct_gpus
+    if recon is None:
+        recon = RECONSTRUCT_GPU_FRACTION if gpus > 0 else 0.0
+    if num_workers * per_worker > gpus:
+        raise PipelineError(
+            f"{num_workers} calibration worker(s) x {per_worker:g} GPU need {num_workers * per_worker:g} GPUs; "
+            f"the Ray cluster has {gpus:g}. Lower --workers or --gpus-per-worker"
+        )
+    if recon > 0 and (gpus == 0 or (per_worker >= 1 and num_workers >= gpus)):
+        raise PipelineError(
+            f"reconstruction tasks ask for {recon:g} GPU each, but the cluster's {gpus:g} GPU(s) would be "
+            f"held whole by the calibration workers ({num_workers} x {per_worker:g}); give the workers "
+            "a fraction (--gpus-per-worker 0.5) or set --reconstruct-gpus 0"
+        )
+    cpus = float(cluster.get("CPU", 0.0))
+    if num_workers * wc.num_cpus_per_worker > cpus:
+        raise PipelineError(
+            f"{num_workers} calibration worker(s) x {wc.num_cpus_per_worker:g} CPU need "
+            f"{num_workers * wc.num_cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}"
+        )
+    return Resources(num_workers, wc.num_cpus_per_worker, per_worker, recon, gpus)
 
 
 @dataclass
@@ -76,6 +131,7 @@ class _Ctx:
     on_layer: Callable[[int], None]
     kill_after: str | None
     kill_worker: tuple[int, int] | None
+    resources: Resources
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Every calibration actor started (rank, attempt, pid, node) and every recovery: what the
     # manifest shows of where the shards ran and what the run survived.
@@ -92,10 +148,22 @@ class _Ctx:
 def _note_processes(ctx: _Ctx, procs: list[dict[str, Any]]) -> None:
     # A Ray worker process serves several roles over a run (smooth, reconstruct, write).
     for p in procs:
-        old = ctx.processes.setdefault(int(p["pid"]), {"pid": int(p["pid"]), "role": p["role"], "peak_rss_bytes": 0})
-        roles = set(old["role"].split("+")) | {p["role"]}
-        old["role"] = "+".join(sorted(roles))
+        old = ctx.processes.setdefault(int(p["pid"]), {
+            "pid": int(p["pid"]), "role": p["role"], "peak_rss_bytes": 0, "peak_gpu_bytes": 0,
+            "devices": "", "gpus": ""})
+        old["role"] = _joined(old["role"], p["role"])
+        old["devices"] = _joined(old["devices"], p.get("device", "cpu"))
+        if p.get("gpus"):
+            old["gpus"] = _joined(old["gpus"], p["gpus"])
+        if p.get("node_id"):
+            old["node_id"] = p["node_id"]
         old["peak_rss_bytes"] = max(int(old["peak_rss_bytes"]), int(p["peak_rss_bytes"]))
+        old["peak_gpu_bytes"] = max(int(old["peak_gpu_bytes"]), int(p.get("peak_gpu_bytes", 0)))
+
+
+def _joined(old: str, new: str) -> str:
+    """A set of names kept as one sorted "+"-joined string (what the manifest shows)."""
+    return "+".join(sorted(set(filter(None, old.split("+"))) | {new}))
 
 
 def _maybe_kill(ctx: _Ctx, point: str) -> None:
@@ -149,7 +217,7 @@ def _record_layer(ctx: _Ctx, p: _Pending) -> None:
         )
     )
     _save(ctx)
-    for rank in range(ctx.config.workers.num_workers):
+    for rank in range(ctx.resources.num_workers):
         manifest.prune_worker_states(ctx.dest, rank, p.layer + 1)
     ctx.on_layer(p.layer)
     _maybe_kill(ctx, f"layer:{p.layer}")
@@ -159,21 +227,20 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
     """New calibration actors holding the inputs of layer ``start`` (or of an earlier layer
     when the states of that boundary are gone). Returns (actors, the layer they are at)."""
     cfg = ctx.config
-    wc = cfg.workers
-    Actor = calibration_actor(wc.num_cpus_per_worker, wc.num_gpus_per_worker)
-    num_threads = max(1, int(wc.num_cpus_per_worker))
+    res = ctx.resources
+    Actor = calibration_actor(res.cpus_per_worker, res.gpus_per_worker)
+    num_threads = max(1, int(res.cpus_per_worker))
     actors = []
-    for rank in range(wc.num_workers):
+    for rank in range(res.num_workers):
         kill = ctx.kill_worker[1] if ctx.kill_worker and ctx.kill_worker[0] == rank and attempt == 0 else None
-        actors.append(
-            Actor.remote(ctx.plan.source_url, ctx.plan.config_dict, ctx.dest, rank, cfg.method, num_threads, kill)
-        )
+        actors.append(Actor.remote(ctx.plan.source_url, ctx.plan.config_dict, ctx.dest, rank, cfg.method,
+                                   num_threads, kill, res.gpus_per_worker > 0))
     places = ray.get([a.placement.remote() for a in actors])
     ctx.workers += [{"rank": rank, "attempt": attempt, **p} for rank, p in enumerate(places)]
-    if start > 0 and all(manifest.has_worker_state(ctx.dest, r, start) for r in range(wc.num_workers)):
+    if start > 0 and all(manifest.has_worker_state(ctx.dest, r, start) for r in range(res.num_workers)):
         if all(ray.get([a.restore.remote(start) for a in actors])):
             return actors, start
-    shards = torch.tensor_split(ctx.tokens, wc.num_workers)
+    shards = torch.tensor_split(ctx.tokens, res.num_workers)
     infos = ray.get([a.embed.remote(s) for a, s in zip(actors, shards, strict=True)])
     _note_processes(ctx, [i.process for i in infos])
     if cfg.propagate == "quantized":
@@ -224,8 +291,10 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
             plan.source_url, plan.config_dict, i, cfg.method, *[c[0] for c in collected]
         )
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
+        use_gpu = ctx.resources.reconstruct_gpus > 0
         results = [
-            fns["reconstruct"].remote(w, payloads[g], cfg.method) for w, g in zip(weights, group_of, strict=True)
+            fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu)
+            for w, g in zip(weights, group_of, strict=True)
         ]
         writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results)
         if cfg.propagate == "fp":
@@ -258,7 +327,7 @@ def _init_ray(config: RunConfig) -> bool:
         # machine last started (Ray's /tmp/ray/ray_current_cluster), with its resources.
         wc = config.workers
         # Actors hold their CPUs for the whole run; the tasks need at least one more.
-        need = math.ceil(wc.num_workers * wc.num_cpus_per_worker) + 1
+        need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + 1
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), **kw)
     return True
 
@@ -296,7 +365,9 @@ def run(
     except OSError as e:
         raise PipelineError(f"cannot read DEST {storage.redact(config.dest)}: {e}") from e
     if existing is not None:
-        manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
+        # Workers are compared once resolved against the cluster (below); a finished DEST is
+        # left alone without starting Ray.
+        manifest.check_compatible(existing, config, plan.fingerprint, calib_sha, ignore=frozenset({"workers"}))
     if manifest.is_finished(config.dest):
         if existing is None:
             raise PipelineError(
@@ -305,11 +376,27 @@ def run(
             )
         print(f"[aser] {storage.redact(config.dest)} is already complete; nothing to do", file=sys.stderr)
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
+    t_ray = time.perf_counter()
+    owned = _init_ray(config)
+    ray_init_s = time.perf_counter() - t_ray
+    try:
+        resources = resolve_resources(config.workers, ray.cluster_resources())
+        # The resolved worker count and devices decide the bytes (calibration sharding, GPU or
+        # CPU numerics): they are what the manifest records and what a resume must match.
+        config = dataclasses.replace(config, workers=resources.workers_config())
+        if existing is not None:
+            manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
+    except (PipelineError, manifest.ManifestError):
+        if owned:
+            ray.shutdown()
+        raise
     mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
     mf.summary["calibration"] = calib_desc
     try:
         manifest.save_manifest(config.dest, mf)
     except OSError as e:
+        if owned:
+            ray.shutdown()
         raise PipelineError(f"DEST {storage.redact(config.dest)} is not writable: {e}") from e
 
     from tqdm import tqdm
@@ -317,10 +404,9 @@ def run(
     done0 = len([i for i in manifest.finished_layers(mf, config.dest) if 0 <= i < plan.num_layers])
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
-    ctx = _Ctx(config, plan, tokens, mf, remote_functions(), lambda _i: bar.update(1), kill_after, kill_worker)
-    t_ray = time.perf_counter()
-    owned = _init_ray(config)
-    ctx.overhead_s["ray_init"] = time.perf_counter() - t_ray
+    ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus), lambda _i: bar.update(1),
+               kill_after, kill_worker, resources)
+    ctx.overhead_s["ray_init"] = ray_init_s
     try:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -381,7 +467,8 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         "bytes_written": sum(r.bytes_written for r in ctx.mf.layers.values()),
         "num_tensors": fin.num_tensors,
         "total_size_bytes": fin.total_size_bytes,
-        "num_workers": ctx.config.workers.num_workers,
+        "num_workers": ctx.resources.num_workers,
+        "resources": ctx.resources.to_dict(),
         "processes": procs,
         "workers": ctx.workers,
         "recoveries": ctx.recoveries,

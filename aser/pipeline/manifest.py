@@ -202,8 +202,10 @@ def check_compatible(
     config: RunConfig,
     source_fingerprint: Mapping[str, Any],
     calibration_sha: str | None,
+    ignore: frozenset[str] = frozenset(),
 ) -> None:
-    """Raise ManifestError naming what differs between the existing run and this one."""
+    """Raise ManifestError naming what differs between the existing run and this one (top-level
+    config fields in ``ignore`` are not compared, besides ``RESUME_IGNORED_FIELDS``)."""
     changed_source = _diff_paths(manifest.source_fingerprint, dict(source_fingerprint))
     if changed_source:
         raise ManifestError(
@@ -214,7 +216,7 @@ def check_compatible(
     changed = [
         p
         for p in _diff_paths(manifest.config, new_config)
-        if p.split(".", 1)[0] not in RESUME_IGNORED_FIELDS
+        if p.split(".", 1)[0] not in RESUME_IGNORED_FIELDS | ignore
     ]
     if changed:
         details = ", ".join(

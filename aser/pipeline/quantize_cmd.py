@@ -35,6 +35,7 @@ _RUN_FLAGS = {
     "workers": ("workers", "num_workers"),
     "cpus_per_worker": ("workers", "num_cpus_per_worker"),
     "gpus_per_worker": ("workers", "num_gpus_per_worker"),
+    "reconstruct_gpus": ("workers", "reconstruct_gpus"),
     "propagate": ("propagate",),
     "address": ("ray_address",),
     "shard_size": ("shard_size_bytes",),
@@ -58,9 +59,13 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int)
     q.add_argument("--seq-len", type=int)
     q.add_argument("--seed", type=int)
-    q.add_argument("--workers", type=int, help="calibration workers (Ray actors)")
+    q.add_argument("--workers", type=int,
+                   help="calibration workers (Ray actors); default: one per GPU of the cluster, else 1")
     q.add_argument("--cpus-per-worker", type=float)
-    q.add_argument("--gpus-per-worker", type=float)
+    q.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per calibration worker; default: 0.5 on a cluster with GPUs, else 0")
+    q.add_argument("--reconstruct-gpus", type=float,
+                   help="GPUs per reconstruction task (a fraction shares a GPU); default: 0.25 with GPUs, else 0")
     q.add_argument("--propagate", choices=PROPAGATE_MODES)
     q.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     q.add_argument("--shard-size", type=int, help="max bytes per output shard")

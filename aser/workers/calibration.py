@@ -29,6 +29,7 @@ from aser.pipeline import manifest
 from aser.pipeline import safetensors_io as sio
 from aser.pipeline.simulate import install_quantized
 from aser.workers.arch import groups_for
+from aser.workers.device import device_info, worker_device
 from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer
 from aser.workers.stats import GroupStats, attach_stat_hooks
 
@@ -61,8 +62,10 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def process_info(role: str) -> dict[str, Any]:
-    return {"pid": os.getpid(), "role": role, "peak_rss_bytes": peak_rss_bytes()}
+def process_info(role: str, device: torch.device | None = None) -> dict[str, Any]:
+    """What the manifest records of a process: pid, role, peak RSS, and where it computed."""
+    return {"pid": os.getpid(), "role": role, "peak_rss_bytes": peak_rss_bytes(),
+            **device_info(device or torch.device("cpu"))}
 
 
 @dataclass
@@ -81,8 +84,12 @@ class CalibrationWorker:
     source_url: the checkpoint (already resolved, e.g. a local dir or s3:// URL);
     config_dict: its config.json; dest: the output URL (for the boundary states);
     rank: this worker's index (its states' names); num_threads: torch intra-op threads, fixed so
-    that the same worker count gives the same bytes; kill_at_layer: a test hook, the process
-    SIGKILLs itself halfway through ``collect`` of that layer.
+    that the same worker count gives the same bytes; use_gpu: compute on the GPU this process was
+    given (``device.worker_device``: the CPU when there is none); kill_at_layer: a test hook, the
+    process SIGKILLs itself halfway through ``collect`` of that layer.
+
+    On a GPU the shard's hidden states, the layer and the statistics accumulators live on the
+    device; what leaves the worker (statistics, saved states) is moved to the CPU first.
     """
 
     def __init__(
@@ -94,11 +101,13 @@ class CalibrationWorker:
         method: MethodConfig,
         num_threads: int = 1,
         kill_at_layer: int | None = None,
+        use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
+        self.device = worker_device(use_gpu)
         self.source = sio.open_source(source_url)
         self.config = hf_config(config_dict)
-        self.rotary = layer_io.build_rotary(self.config)
+        self.rotary = layer_io.build_rotary(self.config, self.device)
         self.dest = dest
         self.rank = rank
         self.method = method
@@ -114,11 +123,11 @@ class CalibrationWorker:
         t0 = time.perf_counter()
         info = self.source.tensors[EMBED_WEIGHT]
         weight = sio.read_tensors(self.source, [EMBED_WEIGHT])[EMBED_WEIGHT]
-        self.hidden = torch.nn.functional.embedding(tokens, weight)
+        self.hidden = torch.nn.functional.embedding(tokens, weight).to(self.device)
         del weight
         self.out = None
         self.next_layer = 0
-        return StepInfo({"embed": time.perf_counter() - t0}, info.end - info.start, 0, process_info("calibration"))
+        return StepInfo({"embed": time.perf_counter() - t0}, info.end - info.start, 0, self._process())
 
     def restore(self, next_layer: int) -> bool:
         """Load the inputs of ``next_layer`` saved at that boundary; False if there are none."""
@@ -126,7 +135,7 @@ class CalibrationWorker:
         if state is None:
             return False
         self.next_layer, tensors = state
-        self.hidden = tensors["hidden"]
+        self.hidden = tensors["hidden"].to(self.device)
         self.out = None
         return True
 
@@ -138,7 +147,11 @@ class CalibrationWorker:
         tensors = sio.read_tensors(self.source, names)
         nbytes = sum(self.source.tensors[n].end - self.source.tensors[n].start for n in names)
         layer = layer_io.build_layer(self.config, layer_idx, {n[len(prefix):]: t for n, t in tensors.items()})
-        return layer, nbytes
+        del tensors
+        return layer.to(self.device), nbytes
+
+    def _process(self) -> dict[str, Any]:
+        return process_info("calibration", self.device)
 
     def _check_at(self, layer_idx: int) -> torch.Tensor:
         if self.hidden is None or self.next_layer != layer_idx:
@@ -176,14 +189,15 @@ class CalibrationWorker:
         finally:
             for h in handles:
                 h.remove()
-        stats = {name: acc.result() for name, acc in accs.items()}
+        del layer
+        stats = {name: acc.result().to("cpu") for name, acc in accs.items()}
         t2 = time.perf_counter()
-        return stats, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, process_info("calibration"))
+        return stats, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, self._process())
 
     def _save(self) -> tuple[float, int]:
         assert self.hidden is not None
         t0 = time.perf_counter()
-        manifest.save_worker_state(self.dest, self.rank, self.next_layer, {"hidden": self.hidden})
+        manifest.save_worker_state(self.dest, self.rank, self.next_layer, {"hidden": self.hidden.cpu()})
         nbytes = self.hidden.numel() * self.hidden.element_size()
         return time.perf_counter() - t0, nbytes
 
@@ -195,7 +209,7 @@ class CalibrationWorker:
         self.hidden, self.out = self.out, None
         self.next_layer = layer_idx + 1
         save_s, nbytes = self._save()
-        return StepInfo({"save_state": save_s}, 0, nbytes, process_info("calibration"))
+        return StepInfo({"save_state": save_s}, 0, nbytes, self._process())
 
     @torch.no_grad()
     def forward_fp(self, layer_idx: int) -> StepInfo:
@@ -205,7 +219,7 @@ class CalibrationWorker:
         layer, nbytes = self._load(layer_idx)
         self.hidden = self._forward(layer, layer_idx, hidden)
         self.next_layer = layer_idx + 1
-        return StepInfo({"forward": time.perf_counter() - t0}, nbytes, 0, process_info("calibration"))
+        return StepInfo({"forward": time.perf_counter() - t0}, nbytes, 0, self._process())
 
     @torch.no_grad()
     def propagate_quantized(
@@ -226,12 +240,13 @@ class CalibrationWorker:
         layer = layer_io.build_layer(self.config, layer_idx, tensors)
         sm = SmoothedLayer(tensors=dict(meta.tensors), stats={}, outliers={}, choices={})
         install_quantized(layer, sm, by_name, self.method)
+        layer = layer.to(self.device)
         self.hidden = self._forward(layer, layer_idx, hidden)
         self.out = None
         self.next_layer = layer_idx + 1
         t1 = time.perf_counter()
         save_s, nbytes = self._save()
-        return StepInfo({"forward_quantized": t1 - t0, "save_state": save_s}, 0, nbytes, process_info("calibration"))
+        return StepInfo({"forward_quantized": t1 - t0, "save_state": save_s}, 0, nbytes, self._process())
 
     def ping(self) -> dict[str, Any]:
-        return process_info("calibration")
+        return self._process()

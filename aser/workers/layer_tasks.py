@@ -29,6 +29,7 @@ from aser.pipeline.config import OutputFormat
 from aser.pipeline.manifest import FileRecord
 from aser.workers.arch import groups_for
 from aser.workers.calibration import expected_layer_tensors, hf_config, process_info
+from aser.workers.device import worker_device
 from aser.workers.reconstruct import LinearResult, MethodConfig, reconstruct_linear, smooth_layer
 from aser.workers.stats import GroupStats, reduce_stats
 
@@ -121,14 +122,22 @@ def linear_group_index(config_dict: Mapping[str, Any]) -> list[int]:
     return [gi for gi, g in enumerate(groups_for(config_dict)) for _ in g.linears]
 
 
-def reconstruct_task(W: torch.Tensor, payload: GroupPayload, method: MethodConfig) -> LinearResult:
-    """Steps 2–3 for one smoothed linear, W: (N, K) in the checkpoint's dtype."""
+def reconstruct_task(
+    W: torch.Tensor, payload: GroupPayload, method: MethodConfig, use_gpu: bool = False
+) -> LinearResult:
+    """Steps 2–3 for one smoothed linear, W: (N, K) in the checkpoint's dtype.
+
+    use_gpu: run on the GPU this task was given (the CPU when there is none). The result is on
+    the CPU either way; where it ran is in ``res.process``.
+    """
     torch.set_num_threads(TASK_THREADS)
+    device = worker_device(use_gpu)
     t0 = time.perf_counter()
-    res = reconstruct_linear(W, payload.stats, payload.outliers, method, scale_dtype=W.dtype)
+    outliers = None if payload.outliers is None else payload.outliers.to(device)
+    res = reconstruct_linear(W.to(device), payload.stats.to(device), outliers, method, scale_dtype=W.dtype)
+    res = res.to("cpu")
     res.metrics["task_s"] = time.perf_counter() - t0
-    res.metrics["peak_rss_bytes"] = float(process_info("reconstruct")["peak_rss_bytes"])
-    res.metrics["pid"] = float(process_info("reconstruct")["pid"])
+    res.process = process_info("reconstruct", device)
     return res
 
 
@@ -163,10 +172,11 @@ def write_layer_task(
             "rank": int(m["rank"]),
             "seconds": float(m.get("task_s", 0.0)),
             "svd_s": float(m.get("svd_s", 0.0)),
+            "cholesky_s": float(m.get("cholesky_s", 0.0)),
             "quantize_s": float(m.get("quantize_s", 0.0)),
         }
         recon_s += float(m.get("task_s", 0.0))
-        processes.append({"pid": int(m["pid"]), "role": "reconstruct", "peak_rss_bytes": int(m["peak_rss_bytes"])})
+        processes.append({**res.process, "linear": name})
     for gname, choice in meta.choices.items():
         metrics[f"group:{gname}"] = {k: float(v) for k, v in choice.items()}
     processes.append(process_info("write"))

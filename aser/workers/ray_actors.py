@@ -36,8 +36,10 @@ class PlacedCalibrationWorker(CalibrationWorker):
     """The worker as an actor: also says where it runs (the worker class itself knows no Ray)."""
 
     def placement(self) -> dict[str, Any]:
-        """This actor's process and Ray node, recorded in the manifest (which node did what)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        """This actor's process, Ray node, the GPUs Ray gave it and the device it computes on,
+        recorded in the manifest (which node did what, with what)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device.type}
 
 
 def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
@@ -56,17 +58,24 @@ def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
     return ray.remote(**opts)(PlacedCalibrationWorker)
 
 
-def _task(fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0) -> Any:
-    opts: dict[str, Any] = dict(num_cpus=num_cpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=retry_exceptions)
+def _task(
+    fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0, num_gpus: float = 0.0
+) -> Any:
+    opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=TASK_MAX_RETRIES,
+                                retry_exceptions=retry_exceptions)
     return ray.remote(**opts)(fn)
 
 
-def remote_functions() -> dict[str, Any]:
+def remote_functions(reconstruct_gpus: float = 0.0) -> dict[str, Any]:
     """The tasks, built on first use (ray.remote needs no running cluster, but importing this
-    module should not register functions that a caller never uses)."""
+    module should not register functions that a caller never uses).
+
+    reconstruct_gpus: GPUs per reconstruction task (a fraction lets several share one GPU, and
+    share it with a calibration actor holding the rest); the task computes there when > 0.
+    """
     return {
         "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS),
-        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS),
+        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus),
         "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS),
         "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS),
         "finalize": _task(layer_tasks.finalize_task, STORAGE_RETRY_EXCEPTIONS),

@@ -137,10 +137,18 @@ class LinearResult:
     L_A: torch.Tensor | None
     L_B: torch.Tensor | None
     metrics: dict[str, float] = field(default_factory=dict)
+    process: dict[str, Any] = field(default_factory=dict)  # where it was computed (pipeline tasks)
 
     @property
     def rank(self) -> int:
         return 0 if self.L_A is None else int(self.L_A.shape[1])
+
+    def to(self, device: torch.device | str) -> LinearResult:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LinearResult(self.q.to(device), self.scale.to(device), mv(self.L_A), mv(self.L_B),
+                            dict(self.metrics), dict(self.process))
 
 
 @dataclass

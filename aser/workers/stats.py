@@ -45,6 +45,9 @@ class GroupStats:
         """(K,) float64 mean |x_j| over tokens."""
         return self.abs_sum / max(self.num_tokens, 1)
 
+    def to(self, device: torch.device | str) -> GroupStats:
+        return GroupStats(self.gram.to(device), self.absmax.to(device), self.abs_sum.to(device), self.num_tokens)
+
     def scaled(self, m: torch.Tensor) -> GroupStats:
         """Statistics of x / m: G / (m mᵀ), a / m (exact, no recomputation)."""
         m64 = m.to(torch.float64)

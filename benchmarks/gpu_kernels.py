@@ -1,0 +1,126 @@
+"""The Triton kernels compiled for and run on a real GPU, checked against the torch references
+and exact float64 math with the kernel tests' own tolerances (``tests/kernels/kernel_tolerances``).
+
+    python benchmarks/gpu_kernels.py --out kernels.json          # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke  # the same checks on CPU, tiny shapes
+
+The CI suite runs every kernel under Triton's CPU interpreter; this is the check that the
+compiled kernels (PTX/SASS for the GPU at hand) compute the same thing: odd shapes (M, N, K off
+every tile size), a Llama-3-70B down_proj, both dtypes, rank 0 and r > 0, both low-rank modes,
+with and without bias. Prints one line per case and writes JSON; exits 1 if any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+from kernel_tolerances import rel_err, tol  # noqa: E402  (the tests' one table of tolerances)
+
+from aser.kernels.act_quant import quantize_activation_int8_reference, quantize_activation_int8_triton  # noqa: E402
+from aser.kernels.gemm import (  # noqa: E402
+    w4a8_gemm_reference,
+    w4a8_gemm_triton,
+    w4a16_gemm_reference,
+    w4a16_gemm_triton,
+)
+from aser.kernels.quant import pack_int4, quantize_weight  # noqa: E402
+
+# (M, N, K, r)
+SHAPES = [(1, 24, 40, 0), (7, 70, 100, 5), (13, 33, 4095, 3), (13, 130, 257, 20), (7, 17, 9, 1),
+          (16, 4096, 4096, 32), (2048, 1024, 4096, 32), (128, 8192, 28672, 32), (2048, 8192, 8192, 0)]
+SMOKE_SHAPES = SHAPES[:2]
+_TOL = {torch.float32: ("gemm_fp32", "float64_fp32"), torch.bfloat16: ("gemm_bf16", "float64_bf16")}
+
+
+def _case(M: int, N: int, K: int, r: int, dtype: torch.dtype, device: str, bias: bool):
+    g = torch.Generator().manual_seed(M * 7 + N * 3 + K + r)
+    W = torch.randn(N, K, generator=g)
+    q, s = quantize_weight(W, 4)
+    x = (torch.randn(M, K, generator=g) * 2).to(dtype)
+    L_A = (torch.randn(N, r, generator=g) * 0.1).to(dtype) if r else None
+    L_B = (torch.randn(r, K, generator=g) * 0.1).to(dtype) if r else None
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+
+    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return q.to(device), pack_int4(q).to(device), s.to(dtype).to(device), dev(x), dev(L_A), dev(L_B), dev(b)
+
+
+def _float64(codes, a_scale, q, s, x, L_A, L_B, b) -> torch.Tensor:
+    w = q.double() * s.double()
+    y = (x.double() if codes is None else codes.double() * a_scale.double()) @ w.T
+    if L_A is not None:
+        y = y + (x.double() @ L_B.double().T) @ L_A.double().T
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def check(shapes: list[tuple[int, int, int, int]], device: str) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for M, N, K, r in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for bias in (False, True):
+                q, packed, s, x, L_A, L_B, b = _case(M, N, K, r, dtype, device, bias)
+                t0 = time.perf_counter()
+                qa_k = quantize_activation_int8_triton(x)
+                qa_r = quantize_activation_int8_reference(x)
+                row: dict[str, object] = {"M": M, "N": N, "K": K, "r": r, "dtype": str(dtype).split(".")[1],
+                                          "bias": bias,
+                                          "act_codes_equal": bool(torch.equal(qa_k.q, qa_r.q)),
+                                          "act_scales_equal": bool(torch.equal(qa_k.scale, qa_r.scale))}
+                ok = row["act_codes_equal"] and row["act_scales_equal"]
+                t_kernel, t_f64 = _TOL[dtype]
+                for mode in ("separate", "fused") if r else ("separate",):
+                    for kind in ("w4a8", "w4a16"):
+                        if kind == "w4a8":
+                            out = w4a8_gemm_triton(qa_r.q, qa_r.scale, packed, s, K, x, L_A, L_B, b, lowrank_mode=mode)
+                            ref = w4a8_gemm_reference(qa_r.q, qa_r.scale, packed, s, K, x, L_A, L_B, b)
+                            exact = _float64(qa_r.q, qa_r.scale, q, s, x, L_A, L_B, b)
+                        else:
+                            out = w4a16_gemm_triton(x, packed, s, K, L_A, L_B, b, lowrank_mode=mode)
+                            ref = w4a16_gemm_reference(x, packed, s, K, L_A, L_B, b)
+                            exact = _float64(None, None, q, s, x, L_A, L_B, b)
+                        e_ref, e_exact = rel_err(out, ref), rel_err(out, exact)
+                        row[f"{kind}_{mode}_vs_ref"], row[f"{kind}_{mode}_vs_f64"] = e_ref, e_exact
+                        ok = ok and e_ref <= tol(t_kernel) and e_exact <= tol(t_f64)
+                row["ok"] = bool(ok)
+                row["seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                errs = " ".join(f"{k}={v:.1e}" for k, v in row.items() if k.endswith(("_vs_ref", "_vs_f64")))
+                print(f"{'ok  ' if ok else 'FAIL'} M={M} N={N} K={K} r={r} {row['dtype']} bias={bias} "
+                      f"act_equal={row['act_codes_equal'] and row['act_scales_equal']} {errs}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="two tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
+    p.add_argument("--out", default="gpu_kernels.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        device, shapes = "cpu", SMOKE_SHAPES
+    elif not torch.cuda.is_available():
+        print("gpu_kernels needs a CUDA GPU (none found); --smoke runs the checks on CPU", file=sys.stderr)
+        return 2
+    else:
+        device, shapes = "cuda", SHAPES
+    rows = check(shapes, device)
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "cases": len(rows), "failed": sum(not r["ok"] for r in rows)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"{meta['cases'] - meta['failed']}/{meta['cases']} cases within the kernel tests' tolerances; "
+          f"wrote {args.out}", file=sys.stderr)
+    return 1 if meta["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
