@@ -333,7 +333,7 @@ def reconstruct_linear(
     if side:
         assert outliers is not None
         sel = torch.zeros(f, W64.shape[1], dtype=torch.float64, device=W64.device)
-        sel[torch.arange(f), outliers] = 1.0
+        sel[torch.arange(f, device=W64.device), outliers.to(W64.device)] = 1.0
         side_A = W64[:, outliers]
         L_A = side_A if L_A is None else torch.cat([L_A, side_A], dim=1)
         L_B = sel if L_B is None else torch.cat([L_B, sel], dim=0)
