@@ -68,13 +68,13 @@ if [[ $DRY == 1 ]]; then
 else
   step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
     $PY -c 'import torch, triton, ray, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, ray.__version__, transformers.__version__, torch.cuda.get_device_name())'"
-  step kernels 180 "$PY" benchmarks/gpu_kernels.py --out "$OUTDIR/kernels.json"
+  step kernels 120 "$PY" benchmarks/gpu_kernels.py --out "$OUTDIR/kernels.json"
   step quantize 150 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest" --calib "$CALIB" \
     --num-samples 64 --seq-len 256 --no-progress --json
   step eval 60 "$PY" -m aser.pipeline.cli eval "$WORK/dest" --eval "$EVAL" --seq-len 256 --max-windows 40 --json
-  step scale 240 "$PY" benchmarks/scale_layer.py --out "$WORK/scale" --data "$DATA" --num-samples 8 \
+  step scale 200 "$PY" benchmarks/scale_layer.py --out "$WORK/scale" --data "$DATA" --num-samples 8 \
     --seq-len 512 --json "$OUTDIR/scale.json"
-  step gemm 150 "$PY" -m aser.kernels.bench.gemm --quick --ranks 0,32 --out "$OUTDIR/gemm.json"
+  step gemm 120 "$PY" -m aser.kernels.bench.gemm --quick --ranks 0,32 --out "$OUTDIR/gemm.json"
 fi
 [[ -f "$WORK/quantize.log" ]] && cp "$WORK/quantize.log" "$OUTDIR/quantize.out"
 [[ -f "$WORK/eval.log" ]] && cp "$WORK/eval.log" "$OUTDIR/eval.out"
