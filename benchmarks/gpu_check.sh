@@ -13,6 +13,7 @@
 #             reconstruction tasks on the GPU), then aser eval (perplexity through the kernels)
 #   scale     benchmarks/scale_layer.py: two Llama-3-70B-sized layers through the pipeline on the
 #             GPU, stage times and peak host/GPU memory per process
+#   smollm2_shape  the same at SmolLM2-135M's shape and depth, 128 x 512 calibration tokens
 # Everything lands in OUTDIR/gpu_check.json (plus each step's own JSON and a log).
 # Wheels in .whl/ (a machine without package access) are installed first, to /tmp/site.
 set -uo pipefail
@@ -74,6 +75,11 @@ else
   step eval 60 "$PY" -m aser.pipeline.cli eval "$WORK/dest" --eval "$EVAL" --seq-len 256 --max-windows 40 --json
   step scale 200 "$PY" benchmarks/scale_layer.py --out "$WORK/scale" --data "$DATA" --num-samples 8 \
     --seq-len 512 --json "$OUTDIR/scale.json"
+  # SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9/3 heads; random weights, a 512-token
+  # vocabulary) at the README's 128 x 512 calibration: the time of the real model's run on a GPU.
+  step smollm2_shape 150 "$PY" benchmarks/scale_layer.py --out "$WORK/smol" --data "$DATA" --layers 30 \
+    --hidden 576 --intermediate 1536 --heads 9 --kv-heads 3 --num-samples 128 --seq-len 512 \
+    --json "$OUTDIR/smollm2_shape.json"
   step gemm 120 "$PY" -m aser.kernels.bench.gemm --quick --ranks 0,32 --out "$OUTDIR/gemm.json"
 fi
 [[ -f "$WORK/quantize.log" ]] && cp "$WORK/quantize.log" "$OUTDIR/quantize.out"
