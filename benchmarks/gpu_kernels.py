@@ -64,6 +64,17 @@ def _float64(codes, a_scale, q, s, x, L_A, L_B, b) -> torch.Tensor:
     return y
 
 
+def _gemm(kind, mode, qa, q, packed, s, K, x, L_A, L_B, b):
+    """(Triton output, torch reference, float64 math) of one GEMM kind on the same operands."""
+    if kind == "w4a8":
+        return (w4a8_gemm_triton(qa.q, qa.scale, packed, s, K, x, L_A, L_B, b, lowrank_mode=mode),
+                w4a8_gemm_reference(qa.q, qa.scale, packed, s, K, x, L_A, L_B, b),
+                _float64(qa.q, qa.scale, q, s, x, L_A, L_B, b))
+    return (w4a16_gemm_triton(x, packed, s, K, L_A, L_B, b, lowrank_mode=mode),
+            w4a16_gemm_reference(x, packed, s, K, L_A, L_B, b),
+            _float64(None, None, q, s, x, L_A, L_B, b))
+
+
 def check(shapes: list[tuple[int, int, int, int]], device: str) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for M, N, K, r in shapes:
@@ -77,18 +88,28 @@ def check(shapes: list[tuple[int, int, int, int]], device: str) -> list[dict[str
                                           "bias": bias,
                                           "act_codes_equal": bool(torch.equal(qa_k.q, qa_r.q)),
                                           "act_scales_equal": bool(torch.equal(qa_k.scale, qa_r.scale))}
+                if not (row["act_codes_equal"] and row["act_scales_equal"]):
+                    # Which side left IEEE arithmetic: codes of x / scale computed in float64 with
+                    # each side's own scale, rounded half to even, against each side's codes.
+                    def ieee_codes(scale: torch.Tensor) -> torch.Tensor:
+                        v = (x.double() / scale.double()).to(dtype).double().clamp(-128, 127)
+                        return torch.round(v).to(torch.int8)
+
+                    row["act_codes_differ"] = int((qa_k.q != qa_r.q).sum())
+                    row["act_code_max_diff"] = int((qa_k.q.int() - qa_r.q.int()).abs().max())
+                    row["act_scales_differ"] = int((qa_k.scale != qa_r.scale).sum())
+                    row["act_kernel_vs_ieee"] = int((qa_k.q != ieee_codes(qa_k.scale)).sum())
+                    row["act_reference_vs_ieee"] = int((qa_r.q != ieee_codes(qa_r.scale)).sum())
                 ok = row["act_codes_equal"] and row["act_scales_equal"]
                 t_kernel, t_f64 = _TOL[dtype]
                 for mode in ("separate", "fused") if r else ("separate",):
                     for kind in ("w4a8", "w4a16"):
-                        if kind == "w4a8":
-                            out = w4a8_gemm_triton(qa_r.q, qa_r.scale, packed, s, K, x, L_A, L_B, b, lowrank_mode=mode)
-                            ref = w4a8_gemm_reference(qa_r.q, qa_r.scale, packed, s, K, x, L_A, L_B, b)
-                            exact = _float64(qa_r.q, qa_r.scale, q, s, x, L_A, L_B, b)
-                        else:
-                            out = w4a16_gemm_triton(x, packed, s, K, L_A, L_B, b, lowrank_mode=mode)
-                            ref = w4a16_gemm_reference(x, packed, s, K, L_A, L_B, b)
-                            exact = _float64(None, None, q, s, x, L_A, L_B, b)
+                        try:
+                            out, ref, exact = _gemm(kind, mode, qa_r, q, packed, s, K, x, L_A, L_B, b)
+                        except Exception as e:  # noqa: BLE001 - a case that cannot launch is a failed case
+                            row[f"{kind}_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                            ok = False
+                            continue
                         e_ref, e_exact = rel_err(out, ref), rel_err(out, exact)
                         row[f"{kind}_{mode}_vs_ref"], row[f"{kind}_{mode}_vs_f64"] = e_ref, e_exact
                         ok = ok and e_ref <= tol(t_kernel) and e_exact <= tol(t_f64)
@@ -96,8 +117,9 @@ def check(shapes: list[tuple[int, int, int, int]], device: str) -> list[dict[str
                 row["seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 errs = " ".join(f"{k}={v:.1e}" for k, v in row.items() if k.endswith(("_vs_ref", "_vs_f64")))
+                act = {k: v for k, v in row.items() if k.startswith("act_") and not k.endswith("_equal")}
                 print(f"{'ok  ' if ok else 'FAIL'} M={M} N={N} K={K} r={r} {row['dtype']} bias={bias} "
-                      f"act_equal={row['act_codes_equal'] and row['act_scales_equal']} {errs}", flush=True)
+                      f"act_equal={row['act_codes_equal'] and row['act_scales_equal']} {act or ''} {errs}", flush=True)
     return rows
 
 

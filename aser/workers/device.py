@@ -33,3 +33,20 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info["node_id"] = ray.get_runtime_context().get_node_id()
     info["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
     return info
+
+
+def _register_stack_dump() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr (a Ray worker's log file),
+    without stopping the process: how a run that stalls on a remote machine is diagnosed
+    (``benchmarks/gpu_check.sh`` does it to a step that overruns its time)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (RuntimeError, ValueError):  # pragma: no cover - stderr closed or not a main thread
+            pass
+
+
+_register_stack_dump()

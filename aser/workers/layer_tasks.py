@@ -138,6 +138,10 @@ def reconstruct_task(
     res = res.to("cpu")
     res.metrics["task_s"] = time.perf_counter() - t0
     res.process = process_info("reconstruct", device)
+    if device.type == "cuda":
+        # The worker process lives on (ray_actors.TASK_MAX_CALLS): hand the blocks torch cached
+        # back to the GPU, which the calibration actor and other tasks share.
+        torch.cuda.empty_cache()
     return res
 
 

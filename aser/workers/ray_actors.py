@@ -58,11 +58,20 @@ def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
     return ray.remote(**opts)(PlacedCalibrationWorker)
 
 
+# Calls a worker process serves before it exits: unlimited. Ray's default for a task that asks
+# for a GPU is 1 (a new process per call, so that a framework's GPU memory is released), which
+# made every reconstruction task pay a fresh Python, torch import and CUDA context: on an H200
+# stories260K's first layer did not finish in 75 s, and here, with the cluster's GPUs faked, one
+# task took about a minute of imports. The tasks release what they cached instead
+# (``layer_tasks.reconstruct_task`` empties torch's CUDA cache before it returns).
+TASK_MAX_CALLS = 0
+
+
 def _task(
     fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0, num_gpus: float = 0.0
 ) -> Any:
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=TASK_MAX_RETRIES,
-                                retry_exceptions=retry_exceptions)
+                                retry_exceptions=retry_exceptions, max_calls=TASK_MAX_CALLS)
     return ray.remote(**opts)(fn)
 
 

@@ -194,3 +194,45 @@ def test_validation():
         w4a8_gemm(qa.q, qa.scale, packed, s, K, None, L_A, L_B)
     with pytest.raises(ValueError, match="backend"):
         w4a16_gemm(x, packed, s, K, backend="cuda")  # type: ignore[arg-type]
+
+
+def test_default_tile_steps_down_when_it_does_not_fit_shared_memory(monkeypatch):
+    """Measured on an H200: the default fp32 fused-low-rank tile at M = 2048 needs 245,760 bytes
+    of shared memory (the limit is 232,448) and failed to launch. The launcher now retries the
+    default tile with fewer stages (then half the K block) and remembers the choice; a tile the
+    caller chose is launched as it is."""
+    from triton.runtime.errors import OutOfResources
+
+    real = gemm._w4_gemm_kernel
+    launches: list[tuple[int, int]] = []
+
+    class TooBigForThreeStages:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((kw["num_stages"], kw["BLOCK_K"]))
+                if kw["num_stages"] >= 3:
+                    raise OutOfResources(245760, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gemm, "_w4_gemm_kernel", TooBigForThreeStages())
+    monkeypatch.setattr(gemm, "_FITTED", {})
+    q, packed, s, x, L_A, L_B, b = _case(7, 70, 100, 5, torch.float32)
+    qa = quantize_activation_int8_reference(x)
+    ref = w4a8_gemm_reference(qa.q, qa.scale, packed, s, 100, x, L_A, L_B, b)
+    out = w4a8_gemm_triton(qa.q, qa.scale, packed, s, 100, x, L_A, L_B, b, lowrank_mode="fused")
+    assert rel_err(out, ref) <= tol("gemm_fp32")
+    assert launches == [(3, 128), (2, 128)]
+    # The fitted tile is remembered: the next call launches it first.
+    w4a8_gemm_triton(qa.q, qa.scale, packed, s, 100, x, L_A, L_B, b, lowrank_mode="fused")
+    assert launches[2:] == [(2, 128)]
+    # An explicit tile is the caller's choice: no silent substitute.
+    with pytest.raises(OutOfResources):
+        w4a8_gemm_triton(qa.q, qa.scale, packed, s, 100, x, L_A, L_B, b, lowrank_mode="fused",
+                         blocks=GemmBlocks(16, 64, 128, num_stages=3))
+
+
+def test_smaller_tiles_order():
+    b = GemmBlocks(128, 128, 128, num_stages=3)
+    assert [(t.num_stages, t.block_k) for t in gemm.smaller_tiles(b)] == [(2, 128), (1, 128), (2, 64), (1, 64)]
+    assert [(t.num_stages, t.block_k) for t in gemm.smaller_tiles(GemmBlocks(16, 16, 16, num_stages=2))] == [(1, 16)]
