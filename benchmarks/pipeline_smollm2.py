@@ -41,7 +41,7 @@ def baseline_seconds(source_url: str, tokens: torch.Tensor, batch_size: int) -> 
     FP forward of the model over the calibration tokens."""
     from transformers import AutoModelForCausalLM
 
-    from aser.pipeline import safetensors_io as sio
+    from aser.checkpoint import safetensors_io as sio
 
     t0 = time.perf_counter()
     src = sio.open_source(source_url)

@@ -27,7 +27,7 @@ from transformers import LlamaConfig
 
 from aser.pipeline import driver
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
-from aser.pipeline.layers import layer_prefix
+from aser.checkpoint.layers import layer_prefix
 from aser.workers.calibration import expected_layer_tensors, hf_config
 from aser.workers.reconstruct import MethodConfig
 

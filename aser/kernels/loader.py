@@ -17,24 +17,21 @@ import contextlib
 import json
 import math
 import re
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from aser.checkpoint import storage
+from aser.checkpoint.safetensors_io import open_source, read_tensors
 from aser.kernels.backend import Backend
 from aser.kernels.gemm import LowRankMode
 from aser.kernels.linear import AserLinear
 from aser.kernels.quant import int_range, pack_int4
-from aser.pipeline import data, evaluate, storage
-from aser.pipeline.safetensors_io import open_source, read_tensors
 
 ADAPTER_DIR = "aser_adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,7 +117,7 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _read_json(url: str) -> dict[str, Any]:
+def read_json(url: str) -> dict[str, Any]:
     try:
         return json.loads(storage.read_text(url))
     except FileNotFoundError as e:
@@ -136,7 +133,7 @@ def read_adapter(dest: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
     cfg_url = storage.join(dest, ADAPTER_DIR, ADAPTER_CONFIG)
     if not storage.exists(cfg_url):
         return {}, None
-    cfg = _read_json(cfg_url)
+    cfg = read_json(cfg_url)
     if cfg.get("peft_type") != "LORA":
         raise AserLoadError(f"{storage.redact(cfg_url)}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
     if cfg.get("bias", "none") != "none":
@@ -230,7 +227,7 @@ def load_aser_model(
     """
     dest = str(dest_url_or_path)
     device = torch.device(device)
-    cfg_dict = _read_json(storage.join(dest, "config.json"))
+    cfg_dict = read_json(storage.join(dest, "config.json"))
     qc = cfg_dict.pop("quantization_config", None)
     if qc is None:
         raise AserLoadError(f"{storage.redact(dest)}/config.json has no quantization_config")
@@ -282,57 +279,3 @@ def load_aser_model(
     if on_meta:
         raise AserLoadError(f"tensor {on_meta[0]} is missing from the checkpoint")
     return model.eval()
-
-
-def _local_tokenizer_dir(dest: str, scratch: str) -> str:
-    """A local directory with the destination's tokenizer files (copied when dest is remote)."""
-    _, path = storage.resolve(dest)
-    if Path(path).is_dir():
-        return path
-    for name in storage.list_dir(dest):
-        if name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")) or name == "config.json":
-            (Path(scratch) / name).write_bytes(storage.read_bytes(storage.join(dest, name)))
-    return scratch
-
-
-def _describe(dest: str, spec: QuantSpec) -> dict[str, Any]:
-    """method and rank from the manifest if present, else from the adapter config."""
-    method: str | None = None
-    rank: int | None = None
-    manifest_url = storage.join(dest, MANIFEST_NAME)
-    if storage.exists(manifest_url):
-        m = _read_json(manifest_url).get("config", {}).get("method", {})
-        method = m.get("method")
-        rank = m.get("rank")
-    if rank is None:
-        cfg_url = storage.join(dest, ADAPTER_DIR, ADAPTER_CONFIG)
-        rank = int(_read_json(cfg_url).get("r", 0)) if storage.exists(cfg_url) else 0
-    return {"method": method, "rank": rank, "w_bits": spec.w_bits, "a_bits": spec.a_bits}
-
-
-def evaluate_dest(dest: str, eval_text_path: str, seq_len: int, max_windows: int | None) -> dict[str, Any]:
-    """Perplexity of the quantized model over the first ``max_windows`` non-overlapping windows
-    of ``seq_len`` tokens of the text, tokenized with the destination's tokenizer.
-
-    Runs on CUDA in bf16 when a GPU is present (the Triton kernels), else on CPU in fp32 (the
-    references). Returns method, rank, w_bits, a_bits, seq_len, ppl, num_windows, seconds, device.
-    """
-    t0 = time.perf_counter()
-    cfg = _read_json(storage.join(dest, "config.json"))
-    spec = parse_quantization_config(cfg.get("quantization_config") or {})
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    model = load_aser_model(dest, device=device, dtype=dtype)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = AutoTokenizer.from_pretrained(_local_tokenizer_dir(dest, scratch))
-    ids = data.tokenize(tokenizer, data.load_text(eval_text_path))
-    windows = data.eval_windows(ids, seq_len, max_windows)
-    ppl = evaluate.perplexity(model, windows)
-    return {
-        **_describe(dest, spec),
-        "seq_len": seq_len,
-        "ppl": ppl,
-        "num_windows": int(windows.shape[0]),
-        "seconds": time.perf_counter() - t0,
-        "device": device,
-    }

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
-from aser.pipeline import data, storage
+from aser.checkpoint import storage
+
+from aser.pipeline import data
 from aser.pipeline.config import RunConfig
-from aser.pipeline.export import COPIED_FILES
+from aser.checkpoint.export import COPIED_FILES
 
 # What a tokenizer needs: the files export copies to DEST, plus the model config.
 TOKENIZER_FILES: tuple[str, ...] = (*COPIED_FILES, "config.json")

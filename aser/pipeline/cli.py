@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -11,61 +10,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aser.pipeline.config import A_BITS_WEIGHT_ONLY, PROPAGATE_MODES, CalibConfig
+from aser.pipeline.config import PROPAGATE_MODES, CalibConfig
+from aser.pipeline.flags import add_method_flags, given_method_fields
 from aser.pipeline.sources import DEFAULT_SOURCE
-from aser.workers.reconstruct import METHODS, MethodConfig
+from aser.workers.reconstruct import MethodConfig
 
 if TYPE_CHECKING:
     from aser.pipeline.manifest import ExtraCost
-
-
-# dests of add_method_flags: each one a MethodConfig field of the same name.
-METHOD_FLAGS = (
-    "method", "rank", "w_bits", "a_bits", "group_size", "alpha", "num_outliers", "outlier_mode",
-    "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd", "rank_energy",
-)
-
-
-def _a_bits(s: str) -> int | None:
-    """``--a-bits``: 8 (W4A8), 16 (weight-only) or another simulated width in [2, 8]."""
-    bits = int(s) if s.strip().isdigit() else None
-    if bits == A_BITS_WEIGHT_ONLY:
-        return None
-    if bits is None or not 2 <= bits <= 8:
-        raise argparse.ArgumentTypeError(
-            f"{s!r} is not supported: use 8 (INT8 activations, W4A8) or 16 (no activation "
-            f"quantization, W4A16); `aser simulate` also takes widths 2-7"
-        )
-    return bits
-
-
-def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `simulate` and `quantize`.
-
-    None has a default here: a flag not given is absent from the namespace, so MethodConfig's
-    field defaults apply (one place) and `quantize` can tell a given flag from a recipe's value.
-    """
-    add = functools.partial(p.add_argument, default=argparse.SUPPRESS)
-    add("--method", choices=METHODS)
-    add("--rank", type=int)
-    add("--w-bits", type=int)
-    add("--a-bits", type=_a_bits, help="8 (W4A8), or 16 for no activation quantization (W4A16)")
-    add("--group-size", type=int, help="simulate only: `aser quantize` exports per-channel scales")
-    add("--alpha", type=float)
-    add("--num-outliers", type=int)
-    add("--outlier-mode", choices=("lowrank", "side", "none"))
-    add("--reserve-rank", action=argparse.BooleanOptionalAction)
-    add("--smooth-channels", choices=("outliers", "all"))
-    add("--alpha-grid", type=float, nargs="*")
-    add("--outlier-grid", type=int, nargs="*")
-    add("--damp", type=float)
-    add("--svd", choices=("exact", "randomized", "auto"))
-    add("--rank-energy", type=float)
-
-
-def given_method_fields(a: argparse.Namespace) -> dict[str, Any]:
-    """The MethodConfig fields given as flags (absent flags are left to the defaults)."""
-    return {name: getattr(a, name) for name in METHOD_FLAGS if hasattr(a, name)}
 
 
 def method_from_args(a: argparse.Namespace) -> MethodConfig:
@@ -132,7 +83,7 @@ def _extra_line(extra: ExtraCost) -> str:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from aser.kernels.loader import evaluate_dest
+    from aser.pipeline.evaluate import evaluate_dest
     from aser.pipeline.manifest import shipped_extra_cost
 
     out = evaluate_dest(a.dest, a.eval, a.seq_len, a.max_windows)

@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 # version is then refused instead of silently reinterpreted.
 CONFIG_VERSION = 1
 
+from aser.checkpoint.formats import OutputFormat  # noqa: E402  (re-exported: the config names it)
+
 Propagate = Literal["fp", "quantized"]
 PROPAGATE_MODES: tuple[str, ...] = ("fp", "quantized")
-OutputFormat = Literal["w4a8", "w4a16"]
 
 
 # What an exported checkpoint supports (aser/kernels/loader.py reads only these): the
@@ -252,7 +253,7 @@ def read_recipe(path: str) -> dict[str, Any]:
     """The mapping of a YAML recipe (a URL or path), not yet validated; empty file: {}."""
     import yaml
 
-    from aser.pipeline import storage
+    from aser.checkpoint import storage
 
     try:
         data = yaml.safe_load(storage.read_bytes(path).decode("utf-8"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from aser.pipeline import storage
+from aser.checkpoint import storage
 
 
 class DataError(ValueError):

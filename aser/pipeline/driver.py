@@ -31,7 +31,10 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from aser.pipeline import export, manifest, storage
+from aser.checkpoint import export, storage
+from aser.checkpoint import state as run_state
+
+from aser.pipeline import manifest
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig, WorkersConfig
 from aser.pipeline.plan import Plan, make_plan
@@ -218,7 +221,7 @@ def _record_layer(ctx: _Ctx, p: _Pending) -> None:
     )
     _save(ctx)
     for rank in range(ctx.resources.num_workers):
-        manifest.prune_worker_states(ctx.dest, rank, p.layer + 1)
+        run_state.prune_worker_states(ctx.dest, rank, p.layer + 1)
     ctx.on_layer(p.layer)
     _maybe_kill(ctx, f"layer:{p.layer}")
 
@@ -237,7 +240,7 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
                                    num_threads, kill, res.gpus_per_worker > 0))
     places = ray.get([a.placement.remote() for a in actors])
     ctx.workers += [{"rank": rank, "attempt": attempt, **p} for rank, p in enumerate(places)]
-    if start > 0 and all(manifest.has_worker_state(ctx.dest, r, start) for r in range(res.num_workers)):
+    if start > 0 and all(run_state.has_worker_state(ctx.dest, r, start) for r in range(res.num_workers)):
         if all(ray.get([a.restore.remote(start) for a in actors])):
             return actors, start
     shards = torch.tensor_split(ctx.tokens, res.num_workers)
@@ -448,7 +451,7 @@ def run(
     # Counted on the headers of what was written, so the figure cannot drift from what ships.
     mf.summary["extra"] = manifest.shipped_extra_cost(config.dest).to_dict()
     _save(ctx)
-    manifest.clear_state(config.dest)
+    run_state.clear_state(config.dest)
     return RunResult(config.dest, "complete", mf, wall)
 
 

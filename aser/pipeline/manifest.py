@@ -13,10 +13,8 @@ recomputing the forward passes from the embeddings.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,14 +22,14 @@ from typing import Any
 import torch
 
 import aser
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline import storage
+from aser.checkpoint import export, storage
+from aser.checkpoint import safetensors_io as sio
 from aser.pipeline.config import RunConfig
-from aser.pipeline.safetensors_io import INDEX_NAME
+from aser.checkpoint.safetensors_io import INDEX_NAME
+from aser.checkpoint.state import FileRecord, StateError
 
 MANIFEST_NAME = "aser_manifest.json"
 MANIFEST_VERSION = 1
-STATE_DIR = ".aser_state"
 # Fields that may change between an interrupted run and its resume without changing the bytes
 # written: where the Ray cluster is. (Worker count does change them: calibration is sharded.)
 RESUME_IGNORED_FIELDS: frozenset[str] = frozenset({"ray_address"})
@@ -39,14 +37,9 @@ RESUME_IGNORED_FIELDS: frozenset[str] = frozenset({"ray_address"})
 LAYER_DONE = "done"
 
 
-class ManifestError(ValueError):
-    """The destination's manifest is unreadable or belongs to a different run."""
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    sha256: str
-    size_bytes: int
+class ManifestError(StateError):
+    """The destination's manifest is unreadable or belongs to a different run (a StateError:
+    the corrupt calibration states of a run are the same kind of failure to resume)."""
 
 
 @dataclass
@@ -263,80 +256,6 @@ def finished_layers(manifest: Manifest, dest: str) -> set[int]:
     return done
 
 
-def _state_url(dest: str, worker_rank: int, next_layer: int) -> str:
-    return storage.join(dest, STATE_DIR, f"worker-{worker_rank:05d}-next-{next_layer:05d}.pt")
-
-
-def _state_layers(dest: str, worker_rank: int) -> list[int]:
-    prefix = f"worker-{worker_rank:05d}-next-"
-    out = []
-    for name in storage.list_dir(storage.join(dest, STATE_DIR)):
-        if name.startswith(prefix) and name.endswith(".pt"):
-            try:
-                out.append(int(name[len(prefix) : -len(".pt")]))
-            except ValueError:
-                continue
-    return sorted(out)
-
-
-def save_worker_state(
-    dest: str, worker_rank: int, next_layer: int, tensors: Mapping[str, torch.Tensor]
-) -> None:
-    """Persist one worker's calibration state at a layer boundary (atomically).
-
-    ``next_layer``: the layer these hidden states are the input of; it is part of the file name,
-    so states of several boundaries coexist (with overlap, a worker is ahead of the layers the
-    manifest records as done). ``tensors`` e.g. {"hidden": (B, T, H)}, moved to CPU.
-    """
-    buf = io.BytesIO()
-    torch.save(
-        {"next_layer": int(next_layer), "tensors": {k: v.detach().cpu() for k, v in tensors.items()}},
-        buf,
-    )
-    storage.write_bytes_atomic(_state_url(dest, worker_rank, next_layer), buf.getvalue())
-
-
-def load_worker_state(
-    dest: str, worker_rank: int, next_layer: int | None = None
-) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(next_layer, tensors) saved by ``save_worker_state`` for ``next_layer`` (default: the
-    latest one saved), or None if there is none."""
-    if next_layer is None:
-        present = _state_layers(dest, worker_rank)
-        if not present:
-            return None
-        next_layer = present[-1]
-    url = _state_url(dest, worker_rank, next_layer)
-    if not storage.exists(url):
-        return None
-    try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-        return int(obj["next_layer"]), dict(obj["tensors"])
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        raise ManifestError(
-            # torch's messages run to paragraphs of advice about weights_only; one line is enough.
-            f"calibration state {storage.redact(url)} is corrupt ({type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0][:200]}); delete "
-            f"{STATE_DIR}/ to recompute it"
-        ) from e
-
-
-def has_worker_state(dest: str, worker_rank: int, next_layer: int) -> bool:
-    return storage.exists(_state_url(dest, worker_rank, next_layer))
-
-
-def prune_worker_states(dest: str, worker_rank: int, before_layer: int) -> None:
-    """Delete the worker's states of boundaries before ``before_layer`` (no longer needed:
-    every layer before it is recorded done)."""
-    for k in _state_layers(dest, worker_rank):
-        if k < before_layer:
-            storage.remove(_state_url(dest, worker_rank, k))
-
-
-def clear_state(dest: str) -> None:
-    storage.remove(storage.join(dest, STATE_DIR), recursive=True)
-
-
 # ---------------------------------------------------------------- what the adapter adds
 
 # Bits per adapter value when none is stored to read it from: the adapter of a bf16/fp16
@@ -401,8 +320,6 @@ def _num_codes(ckpt: sio.SourceIndex, module: str) -> int:
 def shipped_extra_cost(dest: str) -> ExtraCost:
     """ExtraCost of a finished output checkpoint, read from the headers of what was written (the
     adapter file and the base shards), at the adapter's stored dtype."""
-    from aser.pipeline import export  # export imports this module
-
     ckpt = sio.open_source(dest)
     weights = sum(
         _num_codes(ckpt, name.removesuffix(".weight_scale")) for name in ckpt.tensors if name.endswith(".weight_scale")

@@ -11,10 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline import sources, storage
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint import storage
+from aser.pipeline import sources
 from aser.pipeline.config import RunConfig
-from aser.pipeline.layers import layer_prefix
+from aser.checkpoint.layers import layer_prefix
 from aser.workers.arch import groups_for
 from aser.workers.calibration import EMBED_WEIGHT, expected_layer_tensors, hf_config
 

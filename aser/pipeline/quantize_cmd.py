@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from aser.pipeline.cli import add_method_flags, given_method_fields
+from aser.pipeline.flags import add_method_flags, given_method_fields
 from aser.pipeline.sources import DEFAULT_SOURCE
 
 DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
@@ -24,7 +24,7 @@ DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
 KILL_AFTER_ENV = "ASER_TEST_KILL_AFTER"
 KILL_WORKER_ENV = "ASER_TEST_KILL_WORKER"
 
-# Flag dest -> RunConfig path; method flags map onto method.<name> (cli.METHOD_FLAGS).
+# Flag dest -> RunConfig path; method flags map onto method.<name> (flags.METHOD_FLAGS).
 _RUN_FLAGS = {
     "source": ("source",),
     "dest": ("dest",),

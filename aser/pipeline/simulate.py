@@ -18,8 +18,8 @@ from torch import nn
 
 from aser.pipeline.manifest import ADAPTER_VALUE_BITS, ExtraCost, extra_cost
 from aser.workers.arch import groups_for
-from aser.workers.qlinear import SimQuantLinear
-from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer, quantize_layer
+from aser.workers.qlinear import SimQuantLinear, install_quantized
+from aser.workers.reconstruct import MethodConfig, quantize_layer
 from aser.workers.stats import GroupStats, attach_stat_hooks
 
 LayerStats = dict[str, GroupStats]
@@ -91,24 +91,6 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, config: Any, with_stats: bo
 
 def layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in layer.state_dict().items()}
-
-
-def install_quantized(
-    layer: nn.Module, sm: SmoothedLayer, results: dict[str, LinearResult], cfg: MethodConfig
-) -> None:
-    """Replace the layer's linears by SimQuantLinear and load the folded FP tensors (norms)."""
-    linear_names = set(results)
-    for name, res in results.items():
-        parent_name, child = name.rsplit(".", 1)
-        bias = sm.tensors.get(f"{name}.bias")
-        setattr(layer.get_submodule(parent_name), child, SimQuantLinear.from_result(res, bias, cfg.a_bits, cfg.group_size))
-    params = dict(layer.named_parameters())
-    for key, t in sm.tensors.items():
-        mod = key.rsplit(".", 1)[0]
-        if mod in linear_names:
-            continue
-        if key in params:
-            params[key].data.copy_(t)
 
 
 def quantize_model_layer(

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from aser.pipeline import storage
+from aser.checkpoint import storage
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

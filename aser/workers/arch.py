@@ -16,11 +16,9 @@ from typing import Any, Literal
 
 import torch
 
+from aser.checkpoint.layers import UnsupportedArchitecture
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ A plain class (no Ray here; ``ray_actors`` makes it an actor). Per layer ``i`` t
 forward the shard with statistics hooks: partial per-group statistics out, FP outputs kept),
 then ``advance(i)`` (``propagate = "fp"``: the FP outputs become the next layer's inputs) or
 ``propagate_quantized(i, ...)`` (the inputs go through the quantized layer instead). Each
-boundary is persisted (``manifest.save_worker_state``) so that a restarted run resumes there.
+boundary is persisted (``run_state.save_worker_state``) so that a restarted run resumes there.
 
 Memory: the shard's inputs and outputs, one layer's tensors, and one batch's activations — a
 function of layer size and calibration size, never of depth.
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from aser.pipeline import layers as layer_io
-from aser.pipeline import manifest
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline.simulate import install_quantized
+from aser.checkpoint import layers as layer_io
+from aser.checkpoint import state as run_state
+from aser.checkpoint import safetensors_io as sio
 from aser.workers.arch import groups_for
 from aser.workers.device import device_info, worker_device
+from aser.workers.qlinear import install_quantized
 from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer
 from aser.workers.stats import GroupStats, attach_stat_hooks
 
@@ -131,7 +131,7 @@ class CalibrationWorker:
 
     def restore(self, next_layer: int) -> bool:
         """Load the inputs of ``next_layer`` saved at that boundary; False if there are none."""
-        state = manifest.load_worker_state(self.dest, self.rank, next_layer)
+        state = run_state.load_worker_state(self.dest, self.rank, next_layer)
         if state is None:
             return False
         self.next_layer, tensors = state
@@ -197,7 +197,7 @@ class CalibrationWorker:
     def _save(self) -> tuple[float, int]:
         assert self.hidden is not None
         t0 = time.perf_counter()
-        manifest.save_worker_state(self.dest, self.rank, self.next_layer, {"hidden": self.hidden.cpu()})
+        run_state.save_worker_state(self.dest, self.rank, self.next_layer, {"hidden": self.hidden.cpu()})
         nbytes = self.hidden.numel() * self.hidden.element_size()
         return time.perf_counter() - t0, nbytes
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from aser.pipeline import export
-from aser.pipeline import layers as layer_io
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline.config import OutputFormat
-from aser.pipeline.manifest import FileRecord
+from aser.checkpoint import export
+from aser.checkpoint import layers as layer_io
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint.formats import OutputFormat
+from aser.checkpoint.state import FileRecord
 from aser.workers.arch import groups_for
 from aser.workers.calibration import expected_layer_tensors, hf_config, process_info
 from aser.workers.device import worker_device

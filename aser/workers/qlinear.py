@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from aser.kernels.quant import dequantize_weight, fake_quantize_activation
-from aser.workers.reconstruct import LinearResult
+from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer
 
 
 class SimQuantLinear(nn.Module):
@@ -55,3 +55,21 @@ class SimQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         r = 0 if self.L_A is None else self.L_A.shape[1]
         return f"in={self.in_features}, out={self.out_features}, a_bits={self.a_bits}, rank={r}"
+
+
+def install_quantized(
+    layer: nn.Module, sm: SmoothedLayer, results: dict[str, LinearResult], cfg: MethodConfig
+) -> None:
+    """Replace the layer's linears by SimQuantLinear and load the folded FP tensors (norms)."""
+    linear_names = set(results)
+    for name, res in results.items():
+        parent_name, child = name.rsplit(".", 1)
+        bias = sm.tensors.get(f"{name}.bias")
+        setattr(layer.get_submodule(parent_name), child, SimQuantLinear.from_result(res, bias, cfg.a_bits, cfg.group_size))
+    params = dict(layer.named_parameters())
+    for key, t in sm.tensors.items():
+        mod = key.rsplit(".", 1)[0]
+        if mod in linear_names:
+            continue
+        if key in params:
+            params[key].data.copy_(t)

@@ -1,5 +1,5 @@
 """A minimal writer of the ASER output layout, for loader tests (the real one is
-aser/pipeline/export.py). It writes exactly what compressed-tensors writes for our schemes:
+aser/checkpoint/export.py). It writes exactly what compressed-tensors writes for our schemes:
 int-quantized: ``<name>.weight`` int8 codes + ``<name>.weight_scale`` (N, 1);
 pack-quantized: ``<name>.weight_packed`` int32, ``<name>.weight_scale``, ``<name>.weight_shape``
 (int64, as ``torch.tensor(weight.shape)`` in PackedQuantizationCompressor.compress).

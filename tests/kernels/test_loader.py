@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from aser.kernels.linear import AserLinear
 from aser.kernels.quant import dequantize_weight
-from aser.kernels.loader import AserLoadError, evaluate_dest, load_aser_model
+from aser.kernels.loader import AserLoadError, load_aser_model
+from aser.pipeline.evaluate import evaluate_dest
 from aser.pipeline import data, evaluate
 
 
@@ -201,11 +202,11 @@ def test_evaluate_dest_on_stories260k(stories_dir: Path, data_dir: Path, tmp_pat
 
 @pytest.mark.parametrize("fmt,a_bits", [("w4a8", 8), ("w4a16", None)])
 def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bits):
-    """Integration with aser/pipeline/export.py: its per-layer tensors, config and adapter
+    """Integration with aser/checkpoint/export.py: its per-layer tensors, config and adapter
     config, put in one file, load to the same model as the test writer's DEST."""
     from safetensors.torch import save_file
 
-    from aser.pipeline import export
+    from aser.checkpoint import export
 
     ours = tmp_path / "ours"
     pieces = write_dest(tiny_model, ours, a_bits, _ranks(tiny_model))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from aser.pipeline import storage
+from aser.checkpoint import storage
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
 from aser.workers.reconstruct import MethodConfig
 

@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from aser.pipeline import data, driver, manifest, storage
-from aser.pipeline import safetensors_io as sio
+from aser.checkpoint import storage
+
+from aser.pipeline import data, driver, manifest
+from aser.checkpoint import safetensors_io as sio
 from pipeline_run_helpers import METHOD, NUM_SAMPLES, SEQ_LEN, output_files, run_config
 
 pytestmark = pytest.mark.timeout(900)  # a hang guard; a loaded 2-core machine needs minutes

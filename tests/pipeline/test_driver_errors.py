@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from aser.pipeline import driver
-from aser.pipeline import safetensors_io as sio
+from aser.checkpoint import safetensors_io as sio
 from pipeline_run_helpers import copy_checkpoint, run_config
 
 pytestmark = pytest.mark.timeout(900)  # a hang guard; a loaded 2-core machine needs minutes

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from aser.kernels.quant import quantize_weight
-from aser.pipeline import export, manifest
+from aser.checkpoint import export
+from aser.pipeline import manifest
 from aser.workers.reconstruct import LinearResult
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from aser.pipeline import manifest as mf
-from aser.pipeline import storage
+from aser.checkpoint import state as run_state
+from aser.checkpoint import storage
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
 from aser.workers.reconstruct import MethodConfig
 
@@ -97,14 +98,14 @@ def test_calibration_hash_depends_on_values_and_shape() -> None:
 
 def test_worker_state_round_trip(tmp_path: Path, s3_bucket: str) -> None:
     for dest in (str(tmp_path), storage.join(s3_bucket, "out")):
-        assert mf.load_worker_state(dest, 0) is None
+        assert run_state.load_worker_state(dest, 0) is None
         h = torch.randn(2, 5, 8, dtype=torch.bfloat16)
-        mf.save_worker_state(dest, 0, 3, {"hidden": h})
-        mf.save_worker_state(dest, 1, 3, {"hidden": h + 1})
-        layer, state = mf.load_worker_state(dest, 1)  # type: ignore[misc]
+        run_state.save_worker_state(dest, 0, 3, {"hidden": h})
+        run_state.save_worker_state(dest, 1, 3, {"hidden": h + 1})
+        layer, state = run_state.load_worker_state(dest, 1)  # type: ignore[misc]
         assert layer == 3 and torch.equal(state["hidden"], h + 1)
-        mf.clear_state(dest)
-        assert mf.load_worker_state(dest, 0) is None
+        run_state.clear_state(dest)
+        assert run_state.load_worker_state(dest, 0) is None
 
 
 # ---------------------------------------------------------------- the file format
@@ -208,34 +209,34 @@ def test_an_unfinished_layer_does_not_hide_later_finished_ones(tmp_path: Path) -
 def test_worker_states_by_boundary_and_pruning(tmp_path: Path) -> None:
     dest = str(tmp_path)
     for layer in (2, 3, 10):
-        mf.save_worker_state(dest, 0, layer, {"hidden": torch.full((2,), float(layer))})
-    mf.save_worker_state(dest, 1, 11, {"hidden": torch.zeros(2)})
+        run_state.save_worker_state(dest, 0, layer, {"hidden": torch.full((2,), float(layer))})
+    run_state.save_worker_state(dest, 1, 11, {"hidden": torch.zeros(2)})
     # Strays in the state folder: another rank's file (same name length) and a copy whose
     # layer number does not parse; neither is worker 0's latest state.
-    (tmp_path / mf.STATE_DIR / "worker-00000-next-(copy).pt").write_bytes(b"")
-    (tmp_path / mf.STATE_DIR / "worker-00000-next-00012.pt.bak").write_bytes(b"")
-    layer, state = mf.load_worker_state(dest, 0)  # type: ignore[misc]
+    (tmp_path / run_state.STATE_DIR / "worker-00000-next-(copy).pt").write_bytes(b"")
+    (tmp_path / run_state.STATE_DIR / "worker-00000-next-00012.pt.bak").write_bytes(b"")
+    layer, state = run_state.load_worker_state(dest, 0)  # type: ignore[misc]
     assert layer == 10 and torch.equal(state["hidden"], torch.full((2,), 10.0))
-    assert mf.load_worker_state(dest, 0, 3)[0] == 3  # type: ignore[index]
-    assert mf.load_worker_state(dest, 0, 4) is None
-    mf.prune_worker_states(dest, 0, 10)
-    assert [mf.has_worker_state(dest, 0, k) for k in (2, 3, 10)] == [False, False, True]
-    assert mf.has_worker_state(dest, 1, 11)
+    assert run_state.load_worker_state(dest, 0, 3)[0] == 3  # type: ignore[index]
+    assert run_state.load_worker_state(dest, 0, 4) is None
+    run_state.prune_worker_states(dest, 0, 10)
+    assert [run_state.has_worker_state(dest, 0, k) for k in (2, 3, 10)] == [False, False, True]
+    assert run_state.has_worker_state(dest, 1, 11)
     mf.save_manifest(dest, mf.new_manifest(_cfg(dest), FP, "cc"))
-    mf.clear_state(dest)  # the state folder only, not the destination's files
-    assert not (tmp_path / mf.STATE_DIR).exists() and mf.load_manifest(dest) is not None
+    run_state.clear_state(dest)  # the state folder only, not the destination's files
+    assert not (tmp_path / run_state.STATE_DIR).exists() and mf.load_manifest(dest) is not None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_worker_state_names_the_file(tmp_path: Path, damage: str) -> None:
     dest = str(tmp_path)
-    mf.save_worker_state(dest, 0, 4, {"hidden": torch.zeros(2)})
-    path = tmp_path / mf.STATE_DIR / "worker-00000-next-00004.pt"
+    run_state.save_worker_state(dest, 0, 4, {"hidden": torch.zeros(2)})
+    path = tmp_path / run_state.STATE_DIR / "worker-00000-next-00004.pt"
     # cut short: torch.load raises RuntimeError; not a zip at all: pickle.UnpicklingError
     path.write_bytes(path.read_bytes()[:-10] if damage == "truncated" else b"garbage")
-    with pytest.raises(mf.ManifestError, match=r"^calibration state .*worker-00000-next-00004\.pt is corrupt \(.*\); "
+    with pytest.raises(run_state.StateError, match=r"^calibration state .*worker-00000-next-00004\.pt is corrupt \(.*\); "
                                                r"delete \.aser_state/ to recompute it$"):
-        mf.load_worker_state(dest, 0)
+        run_state.load_worker_state(dest, 0)
 
 
 # ---------------------------------------------------------------- extra cost of the adapter
@@ -253,8 +254,8 @@ def test_extra_cost_counts_values_and_bits() -> None:
 def test_shipped_extra_cost_reads_headers_of_both_formats(tmp_path: Path) -> None:
     """int-quantized modules count their int8 ``weight``; pack-quantized ones their ``weight_shape``;
     the adapter counts at its stored dtype. Built by hand so the test needs no export run."""
-    from aser.pipeline import export
-    from aser.pipeline import safetensors_io as sio
+    from aser.checkpoint import export
+    from aser.checkpoint import safetensors_io as sio
 
     dest = str(tmp_path)
     base = {

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline import storage
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint import storage
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -22,7 +22,10 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from aser.workers.arch import UnsupportedArchitecture
+
+class UnsupportedArchitecture(ValueError):
+    """The checkpoint's model type is not one the project can build layers of or quantize."""
+
 
 # model_type -> (module, decoder layer class, rotary embedding class)
 _ARCHITECTURES: dict[str, tuple[str, str, str]] = {

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from aser.kernels.quant import dequantize_weight, fake_quantize_activation, quantize_weight
-from aser.pipeline import export
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline.layers import layer_prefix
+from aser.checkpoint import export
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint.layers import layer_prefix
 
 LINEARS = (
     "self_attn.q_proj",
@@ -163,7 +163,7 @@ def test_compressor_keeps_our_codes_and_scales(fmt: str, group_size, dtype) -> N
 def test_export_to_s3_equals_local(source: Path, tmp_path: Path, s3_bucket: str) -> None:
     import s3fs
 
-    from aser.pipeline import storage
+    from aser.checkpoint import storage
 
     # The S3 leg goes through the same code with URLs instead of paths.
     src_url = storage.join(s3_bucket, "src")
@@ -182,7 +182,7 @@ def test_export_to_s3_equals_local(source: Path, tmp_path: Path, s3_bucket: str)
 
 def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = None) -> dict[str, dict[str, Lin]]:
     """What the driver does, with round-to-nearest and random low-rank factors."""
-    from aser.pipeline import storage
+    from aser.checkpoint import storage
 
     source = sio.open_source(src)
     L = json.loads(storage.read_text(storage.join(src, "config.json")))["num_hidden_layers"]

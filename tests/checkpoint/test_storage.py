@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aser.pipeline import storage
+from aser.checkpoint import storage
 
 
 def _roundtrip(base: str) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save as _st_save
 
-from aser.pipeline import storage
+from aser.checkpoint import storage
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

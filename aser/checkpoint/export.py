@@ -47,10 +47,10 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
-from aser.pipeline import safetensors_io as sio
-from aser.pipeline import storage
-from aser.pipeline.config import OutputFormat
-from aser.pipeline.manifest import STATE_DIR, FileRecord
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint import storage
+from aser.checkpoint.formats import OutputFormat
+from aser.checkpoint.state import STATE_DIR, FileRecord
 
 CONFIG_NAME = "config.json"
 ADAPTER_DIR = "aser_adapter"

@@ -10,7 +10,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from aser.pipeline import layers
+from aser.checkpoint import layers
 from aser.workers.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
 
 TINY = dict(
