@@ -51,8 +51,10 @@ class GroupStats:
     def scaled(self, m: torch.Tensor) -> GroupStats:
         """Statistics of x / m: G / (m mᵀ), a / m (exact, no recomputation)."""
         m64 = m.to(torch.float64)
+        # Row then column division in place: one new Gram-sized buffer (an outer product
+        # m mᵀ would be a second one; a 28672-wide Gram is 6.1 GiB).
         return GroupStats(
-            gram=self.gram / torch.outer(m64, m64),
+            gram=(self.gram / m64[:, None]).div_(m64[None, :]),
             absmax=self.absmax / m64,
             abs_sum=self.abs_sum / m64,
             num_tokens=self.num_tokens,
