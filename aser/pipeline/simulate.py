@@ -85,7 +85,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, config: Any, with_stats: bo
     finally:
         for hd in handles:
             hd.remove()
-    stats = {name: acc.result() for name, acc in accs.items()} if with_stats else None
+    stats = {name: acc.take() for name, acc in accs.items()} if with_stats else None
     return LayerInputs(outs, inputs.kwargs), stats
 
 

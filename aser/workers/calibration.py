@@ -190,7 +190,7 @@ class CalibrationWorker:
             for h in handles:
                 h.remove()
         del layer
-        stats = {name: acc.result().to("cpu") for name, acc in accs.items()}
+        stats = {name: acc.take().to("cpu") for name, acc in accs.items()}
         t2 = time.perf_counter()
         return stats, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, self._process())
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from alloc_spy import GramSizedAllocations
 
 from aser.kernels.quant import fake_quantize_weight
 from aser.workers.lowrank import (
@@ -206,26 +207,6 @@ def test_l2qer_weights_columns_by_normalised_mean_abs() -> None:
     assert torch.isfinite(l2qer_lowrank(E, dead, 3, svd="exact").L_B).all()
 
 
-class _GramSizedAllocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the new buffers at least ``nbytes`` large that the ops under it create (outputs that
-    share no storage with an input: views and in-place results are not new memory)."""
-
-    def __init__(self, nbytes: int) -> None:
-        super().__init__()
-        self.nbytes, self.count = nbytes, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
-        seen = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.nbytes:
-                if t.untyped_storage().data_ptr() not in seen:
-                    self.count += 1
-                    seen.add(t.untyped_storage().data_ptr())
-        return out
-
-
 def test_cholesky_holds_one_gram_sized_buffer_besides_g():
     """Issue 8: a 28672-wide down_proj Gram is 6.1 GiB in float64; on an H200 the earlier form
     (identity, lambda * I, G + lambda I, factor) held 24 GiB above G. Now: one buffer, factored in
@@ -234,7 +215,7 @@ def test_cholesky_holds_one_gram_sized_buffer_besides_g():
     X = torch.randn(400, K, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     G = X.T @ X
     G0 = G.clone()
-    with _GramSizedAllocations(K * K * 8) as mode:
+    with GramSizedAllocations(K * K * 8) as mode:
         S, lam, tries = damped_cholesky(G, 1e-2)
     assert mode.count == 1 and tries == 1
     eye = torch.eye(K, dtype=torch.float64)
@@ -242,6 +223,6 @@ def test_cholesky_holds_one_gram_sized_buffer_besides_g():
     assert torch.equal(G, G0)  # the caller's Gram is untouched
     bad = -torch.eye(K, dtype=torch.float64)
     bad[0, 0] = 1.0  # indefinite: every try fails until lambda outweighs the -1s
-    with _GramSizedAllocations(K * K * 8) as mode:
+    with GramSizedAllocations(K * K * 8) as mode:
         _, lam, tries = damped_cholesky(bad, 1e-2)
     assert tries > 1 and mode.count == 1

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from alloc_spy import GramSizedAllocations
 from torch import nn
 
 from aser.workers.arch import LinearGroup
@@ -124,3 +125,24 @@ def test_hooks_need_linears_and_keep_meta_layers_on_the_cpu() -> None:
     assert accs["g"].gram.device.type == "cpu" and accs["g"].K == 4
     for h in handles:
         h.remove()
+
+
+def test_accumulation_allocates_no_gram_per_batch_and_take_does_not_copy():
+    """Issue 8/9: a 28672-wide down_proj Gram is 3.3 GB in fp32 and 6.6 GB in fp64. The batch
+    Gram goes into one reused fp32 buffer and is added into the fp64 total in place (the earlier
+    form made a new fp32 and a new fp64 K x K per batch); ``take`` hands the totals over."""
+    K = 40
+    acc = StatsAccumulator(K)
+    xs = [torch.randn(3, 7, K, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    acc.add(xs[0])  # allocates the fp32 batch buffer once
+    with GramSizedAllocations(K * K * 4) as mode:
+        for x in xs[1:]:
+            acc.add(x)
+        total = acc.take()
+    assert mode.count == 0
+    ref = torch.zeros(K, K, dtype=torch.float64)
+    for x in xs:
+        x2 = x.reshape(-1, K)
+        ref += (x2.T @ x2).to(torch.float64)
+    assert torch.equal(total.gram, ref)  # the same values as the per-batch fp64 form
+    assert total.num_tokens == 4 * 21
