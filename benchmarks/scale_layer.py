@@ -82,6 +82,25 @@ def write_checkpoint(out: Path, tokenizer_dir: Path, layers: int, hidden: int, i
     return out
 
 
+ROLE_KIND = {"calibration": "calibration", "smooth": "smooth", "reconstruct": "reconstruct", "write": "writer",
+             "finalize": "finalize", "driver": "driver"}
+
+
+def predicted_vs_measured(summary: dict) -> list[dict]:
+    """Per process of the run: its measured peak RSS against the memory model's prediction (the
+    manifest's summary.plan, what the driver asked Ray for). A Ray worker process serves several
+    roles over a run; its prediction is the largest of its roles'."""
+    plan = summary.get("plan", {})
+    rows = []
+    for p in summary["processes"]:
+        kinds = [ROLE_KIND[r] for r in p["role"].split("+") if r in ROLE_KIND]
+        predicted = max((plan[k]["peak_host_bytes"] for k in kinds if k in plan), default=0)
+        rows.append({"pid": p["pid"], "role": p["role"], "measured_bytes": p["peak_rss_bytes"],
+                     "predicted_bytes": predicted,
+                     "ratio": p["peak_rss_bytes"] / predicted if predicted else None})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="work folder (checkpoint and DEST go under it)")
@@ -135,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": s["workers"],
         "linears": linears,
     }
+    out["predicted_vs_measured"] = predicted_vs_measured(s)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

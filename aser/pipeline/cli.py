@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     from aser.pipeline.quantize_cmd import add_quantize_parser
 
     add_quantize_parser(sub)
+    from aser.pipeline.plan_cmd import add_plan_parser
+
+    add_plan_parser(sub)
 
     e = sub.add_parser("eval", help="evaluate a quantized output directory with AserLinear modules")
     e.add_argument("dest")

@@ -36,7 +36,9 @@ from aser.checkpoint import state as run_state
 
 from aser.pipeline import manifest
 from aser.pipeline.calib_tokens import calibration_tokens
-from aser.pipeline.config import RunConfig, WorkersConfig
+from aser.pipeline.config import RunConfig
+from aser.pipeline.memory import ModelShape, RunCost, estimate
+from aser.pipeline.resources import ResourceError, Resources, resolve_resources
 from aser.pipeline.plan import Plan, make_plan
 from aser.workers import layer_tasks
 from aser.workers.calibration import StepInfo, process_info
@@ -48,64 +50,10 @@ MAX_INFLIGHT_LAYERS = 2
 # New sets of calibration actors after one dies, before the run gives up.
 MAX_RECOVERIES = 2
 EMBED_INDEX = -1  # manifest index of the embedding stage; the head is num_layers
-# Defaults on a cluster with GPUs: each GPU hosts one calibration actor (half of it: its forward
-# is short and memory-bound) and shares the rest among reconstruction tasks (Cholesky, SVD,
-# GPTQ of one linear each), so both kinds of work use every GPU and neither can starve the other.
-CALIB_GPU_FRACTION = 0.5
-RECONSTRUCT_GPU_FRACTION = 0.25
 
 
 class PipelineError(ValueError):
     """The run cannot proceed; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What the run asks Ray for, resolved from the config and the cluster's resources."""
-
-    num_workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-    reconstruct_gpus: float
-    cluster_gpus: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def workers_config(self) -> WorkersConfig:
-        return WorkersConfig(num_workers=self.num_workers, num_cpus_per_worker=self.cpus_per_worker,
-                             num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus)
-
-
-def resolve_resources(wc: WorkersConfig, cluster: dict[str, float]) -> Resources:
-    """Fill the config's ``None`` (auto) fields from ``ray.cluster_resources()``, and refuse what
-    the cluster can never grant (Ray would wait for it forever)."""
-    gpus = float(cluster.get("GPU", 0.0))
-    num_workers = wc.num_workers if wc.num_workers is not None else max(1, int(gpus))
-    per_worker = wc.num_gpus_per_worker
-    if per_worker is None:
-        per_worker = CALIB_GPU_FRACTION if gpus >= num_workers * CALIB_GPU_FRACTION else 0.0
-    recon = wc.reconstruct_gpus
-    if recon is None:
-        recon = RECONSTRUCT_GPU_FRACTION if gpus > 0 else 0.0
-    if num_workers * per_worker > gpus:
-        raise PipelineError(
-            f"{num_workers} calibration worker(s) x {per_worker:g} GPU need {num_workers * per_worker:g} GPUs; "
-            f"the Ray cluster has {gpus:g}. Lower --workers or --gpus-per-worker"
-        )
-    if recon > 0 and (gpus == 0 or (per_worker >= 1 and num_workers >= gpus)):
-        raise PipelineError(
-            f"reconstruction tasks ask for {recon:g} GPU each, but the cluster's {gpus:g} GPU(s) would be "
-            f"held whole by the calibration workers ({num_workers} x {per_worker:g}); give the workers "
-            "a fraction (--gpus-per-worker 0.5) or set --reconstruct-gpus 0"
-        )
-    cpus = float(cluster.get("CPU", 0.0))
-    if num_workers * wc.num_cpus_per_worker > cpus:
-        raise PipelineError(
-            f"{num_workers} calibration worker(s) x {wc.num_cpus_per_worker:g} CPU need "
-            f"{num_workers * wc.num_cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}"
-        )
-    return Resources(num_workers, wc.num_cpus_per_worker, per_worker, recon, gpus)
 
 
 @dataclass
@@ -135,6 +83,7 @@ class _Ctx:
     kill_after: str | None
     kill_worker: tuple[int, int] | None
     resources: Resources
+    memory: dict[str, int]  # host bytes per process kind, asked of Ray (pipeline.memory)
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Every calibration actor started (rank, attempt, pid, node) and every recovery: what the
     # manifest shows of where the shards ran and what the run survived.
@@ -231,7 +180,7 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
     when the states of that boundary are gone). Returns (actors, the layer they are at)."""
     cfg = ctx.config
     res = ctx.resources
-    Actor = calibration_actor(res.cpus_per_worker, res.gpus_per_worker)
+    Actor = calibration_actor(res.cpus_per_worker, res.gpus_per_worker, ctx.memory.get("calibration", 0))
     num_threads = max(1, int(res.cpus_per_worker))
     actors = []
     for rank in range(res.num_workers):
@@ -315,6 +264,30 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
         _record_layer(ctx, pending.pop(0))
 
 
+def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:
+    """The memory model of this run (the figures ``aser plan`` prints for it)."""
+    shape = ModelShape.from_checkpoint(plan.config_dict, plan.index)
+    return estimate(shape, config.calib.num_samples, config.calib.seq_len, res.num_workers, res.gpus_per_worker,
+                    res.reconstruct_gpus, config.method.rank, config.method.num_outliers, MAX_INFLIGHT_LAYERS)
+
+
+def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
+    """Host bytes to ask of Ray per process kind; refuses, before any work, a kind that needs
+    more than the largest node offers (Ray would leave it pending forever)."""
+    offered = max((float(n.get("Resources", {}).get("memory", 0.0)) for n in nodes if n.get("Alive")), default=0.0)
+    memory = {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
+    if offered > 0:
+        for kind, need in memory.items():
+            if need > offered:
+                terms = max(cost.by_kind()[kind].terms.items(), key=lambda kv: kv[1])
+                raise ResourceError(
+                    f"a {kind} process needs {need / 2**30:.1f} GiB of host memory (largest term: {terms[0]} "
+                    f"{terms[1] / 2**30:.1f} GiB); the largest Ray node offers {offered / 2**30:.1f} GiB. "
+                    "Run `aser plan` to see the costs; more workers shard the calibration set"
+                )
+    return memory
+
+
 def _init_ray(config: RunConfig) -> bool:
     """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
     if ray.is_initialized():
@@ -389,7 +362,9 @@ def run(
         config = dataclasses.replace(config, workers=resources.workers_config())
         if existing is not None:
             manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
-    except (PipelineError, manifest.ManifestError):
+        cost = plan_cost(plan, config, resources)
+        memory = fit_memory(cost, ray.nodes())
+    except (PipelineError, ResourceError, manifest.ManifestError):
         if owned:
             ray.shutdown()
         raise
@@ -407,8 +382,10 @@ def run(
     done0 = len([i for i in manifest.finished_layers(mf, config.dest) if 0 <= i < plan.num_layers])
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
-    ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus), lambda _i: bar.update(1),
-               kill_after, kill_worker, resources)
+    ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus, memory),
+               lambda _i: bar.update(1), kill_after, kill_worker, resources, memory)
+    mf.summary["plan"] = {p.kind: {"count": p.count, "peak_host_bytes": p.peak_host_bytes,
+                                   "peak_gpu_bytes": p.peak_gpu_bytes} for p in cost.processes}
     ctx.overhead_s["ray_init"] = ray_init_s
     try:
         for attempt in range(MAX_RECOVERIES + 1):

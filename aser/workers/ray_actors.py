@@ -18,6 +18,7 @@ Every retry setting is explicit here, with its reason:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -42,12 +43,15 @@ class PlacedCalibrationWorker(CalibrationWorker):
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device.type}
 
 
-def calibration_actor(num_cpus: float, num_gpus: float) -> Any:
+def calibration_actor(num_cpus: float, num_gpus: float, memory: int = 0) -> Any:
+    """memory: host bytes the actor needs (``pipeline.memory``): Ray places it on a node with that
+    much unclaimed and counts it against the node while the actor lives."""
     # A plain dict: Ray's type stubs lag its documented options (max_concurrency, a list for
     # retry_exceptions).
     opts: dict[str, Any] = dict(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        memory=memory,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
         # One calibration shard per node where possible (per GPU on a real cluster).
@@ -68,24 +72,29 @@ TASK_MAX_CALLS = 0
 
 
 def _task(
-    fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0, num_gpus: float = 0.0
+    fn: Any, retry_exceptions: bool | list[type[BaseException]], num_cpus: float = 1.0, num_gpus: float = 0.0,
+    memory: int = 0,
 ) -> Any:
-    opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=TASK_MAX_RETRIES,
+    opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, memory=memory, max_retries=TASK_MAX_RETRIES,
                                 retry_exceptions=retry_exceptions, max_calls=TASK_MAX_CALLS)
     return ray.remote(**opts)(fn)
 
 
-def remote_functions(reconstruct_gpus: float = 0.0) -> dict[str, Any]:
+def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The tasks, built on first use (ray.remote needs no running cluster, but importing this
     module should not register functions that a caller never uses).
 
     reconstruct_gpus: GPUs per reconstruction task (a fraction lets several share one GPU, and
     share it with a calibration actor holding the rest); the task computes there when > 0.
+    memory: host bytes per task kind (``pipeline.memory``; keys smooth, reconstruct, writer,
+    finalize): Ray runs on a node only as many tasks as its memory holds.
     """
+    mem = dict(memory or {})
     return {
-        "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS),
-        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus),
-        "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS),
-        "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS),
-        "finalize": _task(layer_tasks.finalize_task, STORAGE_RETRY_EXCEPTIONS),
+        "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS, memory=mem.get("smooth", 0)),
+        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus,
+                             memory=mem.get("reconstruct", 0)),
+        "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
+        "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
+        "finalize": _task(layer_tasks.finalize_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("finalize", 0)),
     }

@@ -1,0 +1,203 @@
+"""The one model of what a run costs: memory per process kind, bytes moved, FLOPs.
+
+Used by the driver (to refuse a run that cannot fit before any work, and to tell Ray how much
+memory each actor and task needs, so that Ray places and limits them) and by ``aser plan`` (to
+print it). Inputs: the model's shape (config.json and, when present, the safetensors headers),
+the calibration size and the resolved resources (``driver.resolve_resources``).
+
+Every term names the buffer it counts; the constants are measured (``BASE_PROCESS_BYTES``: a
+Ray worker with torch, transformers, compressed-tensors and aser imported; the coefficients of
+the reconstruction's (N, K) float64 temporaries: read off ``reconstruct_linear``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+# Peak RSS of a process that has imported what the pipeline imports, before any model data:
+# 475-512 MiB measured for every process kind (stories260K, whose tensors are 1 MB).
+BASE_PROCESS_BYTES = 500 * 2**20
+# A CUDA context and torch's CUDA libraries mapped into host memory.
+CUDA_CONTEXT_HOST_BYTES = 1 * 2**30
+CUDA_CONTEXT_GPU_BYTES = 600 * 2**20
+# Float64 (N, K) buffers alive at once in reconstruct_linear: W64, E, E with the side columns
+# zeroed, E S (whitened SVD input) or the residual R, and D G inside the error metrics.
+RECONSTRUCT_NK_BUFFERS = 5
+FORWARD_BATCH = 8  # workers.calibration.FORWARD_BATCH_SIZE (not imported: plan must stay light)
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    out_features: int  # N
+    in_features: int  # K
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost depends on: one decoder layer's linears and groups, and the model's sizes."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    vocab: int
+    dtype_bytes: int  # of the checkpoint's tensors (bf16: 2)
+    layer_bytes: int  # one decoder layer's tensors on disk
+    embed_bytes: int  # embedding + final norm + head
+    groups: tuple[tuple[str, int], ...]  # (group name, K) of each linear group
+    linears: tuple[Linear, ...]
+
+    @classmethod
+    def from_config(cls, config_dict: dict[str, Any], dtype_bytes: int | None = None) -> ModelShape:
+        """From config.json alone (shapes from transformers' own layer class, built on meta)."""
+        from aser.workers.arch import groups_for
+        from aser.workers.calibration import hf_config
+
+        hf = hf_config(config_dict)
+        from aser.checkpoint import layers as layer_io
+
+        layer_cls, _ = layer_io._classes(hf)
+        with torch.device("meta"):
+            layer = layer_cls(hf, 0)
+        if dtype_bytes is None:
+            name = str(config_dict.get("torch_dtype") or config_dict.get("dtype") or "float32")
+            dtype_bytes = torch.empty((), dtype=getattr(torch, name.removeprefix("torch."))).element_size()
+        params = sum(p.numel() for p in layer.state_dict().values())
+        linears = []
+        groups = []
+        for g in groups_for(hf):
+            for lin in g.linears:
+                mod = layer.get_submodule(lin)
+                assert isinstance(mod, torch.nn.Linear), lin
+                linears.append(Linear(lin, mod.out_features, mod.in_features))
+            groups.append((g.name, next(lin.in_features for lin in linears if lin.name == g.linears[0])))
+        H, V = int(hf.hidden_size), int(hf.vocab_size)
+        tied = bool(config_dict.get("tie_word_embeddings", False))
+        return cls(
+            num_layers=int(hf.num_hidden_layers), hidden=H, intermediate=int(hf.intermediate_size),
+            num_heads=int(hf.num_attention_heads), vocab=V, dtype_bytes=dtype_bytes,
+            layer_bytes=params * dtype_bytes, embed_bytes=(V * H * (1 if tied else 2) + H) * dtype_bytes,
+            groups=tuple(groups), linears=tuple(linears),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, config_dict: dict[str, Any], index: Any | None) -> ModelShape:
+        """As ``from_config``, with the element size of the decoder layers' tensors read from the
+        safetensors headers (``index``: a ``safetensors_io.SourceIndex``) when there are any."""
+        from aser.checkpoint.safetensors_io import DTYPES
+
+        sizes = [DTYPES[t.dtype].itemsize for t in (index.tensors.values() if index is not None else ())
+                 if t.name.startswith("model.layers.") and t.dtype in DTYPES]
+        return cls.from_config(config_dict, max(sizes) if sizes else None)
+
+    @property
+    def gram_elements(self) -> int:
+        """Σ K² over the groups: the statistics of one layer (one Gram per group)."""
+        return sum(k * k for _, k in self.groups)
+
+    @property
+    def layer_params(self) -> int:
+        return self.layer_bytes // self.dtype_bytes
+
+
+@dataclass
+class ProcessCost:
+    kind: str
+    count: int  # at once (actors: per run; tasks: at most in flight)
+    peak_host_bytes: int
+    peak_gpu_bytes: int
+    terms: dict[str, int] = field(default_factory=dict)  # what the peak is made of
+
+
+@dataclass
+class RunCost:
+    processes: list[ProcessCost]
+    bytes_read: int
+    bytes_written: int
+    object_store_bytes_per_layer: int
+    flops: dict[str, float]
+
+    def by_kind(self) -> dict[str, ProcessCost]:
+        return {p.kind: p for p in self.processes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(
+    shape: ModelShape, num_samples: int, seq_len: int, num_workers: int, gpus_per_worker: float,
+    reconstruct_gpus: float, rank: int, num_outliers: int, inflight_layers: int = 2,
+) -> RunCost:
+    """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc)."""
+    H, I, T = shape.hidden, shape.intermediate, seq_len
+    act = shape.dtype_bytes
+    shard = math.ceil(num_samples / num_workers)
+    batch = min(FORWARD_BATCH, shard)
+    stats64 = 8 * sum(k * k + 2 * k for _, k in shape.groups)
+    stats32 = 4 * shape.gram_elements
+    k_max = max(k for _, k in shape.groups)
+    # One batch's activations: the MLP's gate/up/product (B, T, I) in the compute dtype, the
+    # attention scores (B, heads, T, T) in fp32, and a statistics hook's fp32 copy of its input.
+    forward = batch * T * (3 * I * act + 4 * k_max) + 4 * batch * shape.num_heads * T * T
+    hidden = 2 * shard * T * H * act  # the shard's inputs and the layer's outputs
+    calib_terms = {"hidden_states": hidden, "layer": shape.layer_bytes, "stats_fp64": stats64,
+                   "stats_fp32_batch": stats32, "forward_batch": forward}
+    on_gpu = gpus_per_worker > 0
+    if on_gpu:
+        calib = ProcessCost("calibration", num_workers,
+                            BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + shape.layer_bytes + stats64,
+                            CUDA_CONTEXT_GPU_BYTES + sum(calib_terms.values()), calib_terms)
+    else:
+        calib = ProcessCost("calibration", num_workers, BASE_PROCESS_BYTES + sum(calib_terms.values()), 0,
+                            calib_terms)
+
+    # Smoothing: the workers' partial statistics (read from the object store), their sum, the
+    # statistics of the smoothed input, the layer read and its folded copy.
+    parts = num_workers * stats64
+    smooth_terms = {"stats_parts": parts, "stats_reduced": stats64 if num_workers > 1 else 0,
+                    "stats_smoothed": stats64, "layer_read": shape.layer_bytes, "layer_folded": shape.layer_bytes}
+    smooth = ProcessCost("smooth", inflight_layers, BASE_PROCESS_BYTES + sum(smooth_terms.values()), 0, smooth_terms)
+
+    big = max(shape.linears, key=lambda lin: (lin.in_features ** 2 + RECONSTRUCT_NK_BUFFERS * lin.out_features
+                                               * lin.in_features))
+    N, K = big.out_features, big.in_features
+    rec_terms = {"gram": 8 * K * K, "cholesky_factor": 8 * K * K, "weight": act * N * K,
+                 "nk_float64": RECONSTRUCT_NK_BUFFERS * 8 * N * K}
+    rec_tasks = len(shape.linears) * inflight_layers
+    if reconstruct_gpus > 0:
+        rec = ProcessCost("reconstruct", rec_tasks, BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + 8 * K * K + act * N * K,
+                          CUDA_CONTEXT_GPU_BYTES + sum(rec_terms.values()), rec_terms)
+    else:
+        rec = ProcessCost("reconstruct", rec_tasks, BASE_PROCESS_BYTES + sum(rec_terms.values()), 0, rec_terms)
+
+    r_total = rank + num_outliers
+    adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * act
+    codes = shape.layer_params  # int8 codes (w4a8) on disk: one byte per weight
+    write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer}
+    writer = ProcessCost("writer", inflight_layers, BASE_PROCESS_BYTES + sum(write_terms.values()), 0, write_terms)
+    fin_terms = {"adapter": adapter_layer * shape.num_layers}
+    finalize = ProcessCost("finalize", 1, BASE_PROCESS_BYTES + sum(fin_terms.values()), 0, fin_terms)
+    driver = ProcessCost("driver", 1, BASE_PROCESS_BYTES + 8 * num_samples * seq_len, 0,
+                         {"tokens": 8 * num_samples * seq_len})
+
+    L = shape.num_layers
+    tokens = num_samples * seq_len
+    # Each calibration worker reads every layer; the smoothing task reads it once more.
+    bytes_read = L * shape.layer_bytes * (num_workers + 1) + shape.embed_bytes * (num_workers + 1)
+    bytes_written = L * (codes + adapter_layer) + shape.embed_bytes
+    # Per layer in the object store: the statistics parts and the smoothed statistics, the
+    # folded layer, the results.
+    store = parts + stats64 + shape.layer_bytes + codes + adapter_layer
+    flops = {
+        "calibration_forward": float(L * tokens * (2 * shape.layer_params + 2 * T * H)),
+        "statistics": float(L * tokens * 2 * shape.gram_elements),
+        "cholesky": float(L * sum(lin.in_features ** 3 / 3 for lin in shape.linears)),
+        # E S (2 N K²) and the three error metrics tr(D G Dᵀ) (2 N K² each)
+        "reconstruct_products": float(L * sum(8 * lin.out_features * lin.in_features ** 2 for lin in shape.linears)),
+    }
+    return RunCost([driver, calib, smooth, rec, writer, finalize], bytes_read, bytes_written, store, flops)

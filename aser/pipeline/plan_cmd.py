@@ -1,0 +1,220 @@
+"""``aser plan SOURCE``: what a run will cost, from config.json (and the safetensors headers
+when they are there), before any tensor is read or any machine started.
+
+The figures come from ``memory.estimate`` and ``resources.resolve_resources``, the same code the
+driver uses to size and place a real run; the time estimate divides the counted FLOPs and bytes
+by a device profile's rates times a stated efficiency, and prints those assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint import storage
+from aser.pipeline.config import WorkersConfig
+from aser.pipeline.memory import ModelShape, RunCost, estimate
+from aser.pipeline.resources import resolve_resources
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Per node. Rates are dense peaks (datasheet, or measured for ``cpu``) in FLOP/s."""
+
+    name: str
+    gpus_per_node: int
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    cpus_per_node: int
+    bf16_flops: float  # per device (GPU, or the whole CPU)
+    fp32_flops: float  # the statistics' Grams (fp32, no TF32)
+    fp64_flops: float  # Cholesky, whitened products, error metrics
+    storage_read_bytes_s: float  # per node, from object storage
+    source: str
+
+
+EFFICIENCY = 0.5  # share of the peak a well-shaped GEMM reaches in practice; stated, not measured
+# NVIDIA H100 / H200 SXM datasheet peaks (dense): bf16 989 TFLOP/s, fp32 67 TFLOP/s, fp64 tensor
+# core 67 TFLOP/s; an 8-GPU node (DGX/HGX) with 2 TiB host memory and 224 CPUs; object storage
+# read at 2 GB/s per node (an assumption: S3 with many parallel ranged GETs on a 100 Gb/s NIC).
+_GPU = dict(gpus_per_node=8, host_memory_bytes=2 * 2**40, cpus_per_node=224, bf16_flops=989e12,
+            fp32_flops=67e12, fp64_flops=67e12, storage_read_bytes_s=2e9, source="NVIDIA datasheet peaks")
+PROFILES = {
+    "h100": DeviceProfile("h100", gpu_memory_bytes=80 * 10**9, **_GPU),  # type: ignore[arg-type]
+    "h200": DeviceProfile("h200", gpu_memory_bytes=141 * 10**9, **_GPU),  # type: ignore[arg-type]
+}
+
+
+def _matmul_rate(dtype: Any, n: int, reps: int = 3) -> float:
+    import torch
+
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def cpu_profile() -> DeviceProfile:
+    """This machine, its matmul rates measured now (about a second)."""
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return DeviceProfile(
+        "cpu", gpus_per_node=0, gpu_memory_bytes=0, host_memory_bytes=mem, cpus_per_node=os.cpu_count() or 1,
+        bf16_flops=_matmul_rate(torch.bfloat16, 256), fp32_flops=_matmul_rate(torch.float32, 1536),
+        fp64_flops=_matmul_rate(torch.float64, 1024), storage_read_bytes_s=1e9,
+        source=f"measured on this machine (torch matmul, {torch.get_num_threads()} threads); local disk 1 GB/s assumed",
+    )
+
+
+class PlanCmdError(ValueError):
+    pass
+
+
+def read_shape(source: str) -> ModelShape:
+    """The model's shape from SOURCE's config.json; the dtype from the safetensors headers if
+    the checkpoint is there (a directory with config.json alone plans a model not downloaded)."""
+    from aser.pipeline import sources
+
+    url = sources.resolve_source(source)
+    config_url = storage.join(url, "config.json")
+    if not storage.exists(config_url):
+        raise PlanCmdError(f"{storage.redact(config_url)} is missing: aser plan needs the model's config.json")
+    try:
+        config = json.loads(storage.read_text(config_url))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanCmdError(f"{storage.redact(config_url)} is not valid JSON: {e}") from e
+    try:
+        index = sio.open_source(url)
+    except (OSError, ValueError):
+        index = None  # config-only directory: the dtype comes from config.json
+    return ModelShape.from_checkpoint(config, index)
+
+
+def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: int | None,
+                gpus_per_worker: float | None, reconstruct_gpus: float | None, num_samples: int, seq_len: int,
+                rank: int, num_outliers: int) -> dict[str, Any]:
+    cluster = {"GPU": float(profile.gpus_per_node * nodes), "CPU": float(profile.cpus_per_node * nodes)}
+    res = resolve_resources(WorkersConfig(num_workers=workers, num_gpus_per_worker=gpus_per_worker,
+                                          reconstruct_gpus=reconstruct_gpus), cluster)
+    cost = estimate(shape, num_samples, seq_len, res.num_workers, res.gpus_per_worker, res.reconstruct_gpus,
+                    rank, num_outliers)
+    return {
+        "model": {"num_layers": shape.num_layers, "hidden": shape.hidden, "intermediate": shape.intermediate,
+                  "dtype_bytes": shape.dtype_bytes, "layer_bytes": shape.layer_bytes},
+        "resources": {**res.to_dict(), "nodes": nodes, "profile": profile.name},
+        "processes": [{"kind": p.kind, "count": p.count, "peak_host_bytes": p.peak_host_bytes,
+                       "peak_gpu_bytes": p.peak_gpu_bytes, "terms": p.terms} for p in cost.processes],
+        "bytes_read": cost.bytes_read,
+        "bytes_written": cost.bytes_written,
+        "object_store_bytes_per_layer": cost.object_store_bytes_per_layer,
+        "flops": cost.flops,
+        "seconds_estimate": _seconds(cost, shape.dtype_bytes, res.num_workers, res.gpus_per_worker,
+                                     res.reconstruct_gpus, profile, nodes),
+        "fits": _fits(cost, res.gpus_per_worker, res.reconstruct_gpus, profile, nodes),
+        "assumptions": {"efficiency": EFFICIENCY, "profile": profile.__dict__,
+                        "overlap": "none assumed: the stages' times are added (an upper bound; the pipeline "
+                                   "overlaps reading, forward, reconstruction and writing)"},
+    }
+
+
+def _seconds(cost: RunCost, dtype_bytes: int, workers: int, gpw: float, recon_gpus: float, p: DeviceProfile,
+             nodes: int) -> dict[str, float]:
+    f = cost.flops
+    forward_rate = p.bf16_flops if dtype_bytes == 2 else p.fp32_flops  # the layer runs in its stored dtype
+    work = f["calibration_forward"] / forward_rate + f["statistics"] / p.fp32_flops
+    if gpw > 0:  # each worker on its own GPU
+        calib = work / (workers * EFFICIENCY)
+    else:  # workers share the node's CPU
+        calib = work / EFFICIENCY
+    if recon_gpus > 0:
+        devices = p.gpus_per_node * nodes  # every GPU runs reconstructions (fractions share a GPU's rate)
+        recon = (f["cholesky"] + f["reconstruct_products"]) / (p.fp64_flops * devices * EFFICIENCY)
+    else:
+        recon = (f["cholesky"] + f["reconstruct_products"]) / (p.fp64_flops * nodes * EFFICIENCY)
+    read = cost.bytes_read / (p.storage_read_bytes_s * nodes)
+    return {"calibration": calib, "reconstruct": recon, "read": read, "total": calib + recon + read}
+
+
+def _fits(cost: RunCost, gpw: float, recon_gpus: float, p: DeviceProfile, nodes: int) -> list[str]:
+    """What does not fit a node of the profile, each as one line naming the process kind."""
+    kinds = cost.by_kind()
+    problems = []
+    for kind in ("calibration", "smooth", "reconstruct", "writer", "finalize"):
+        need = kinds[kind].peak_host_bytes
+        if need > p.host_memory_bytes:
+            problems.append(f"{kind}: needs {need / 2**30:.1f} GiB of host memory, a node has "
+                            f"{p.host_memory_bytes / 2**30:.1f} GiB")
+    if gpw > 0:
+        per_gpu = kinds["calibration"].peak_gpu_bytes
+        if recon_gpus > 0:
+            per_gpu += math.floor((1 - gpw) / recon_gpus) * kinds["reconstruct"].peak_gpu_bytes
+        if per_gpu > p.gpu_memory_bytes:
+            problems.append(f"GPU: a calibration worker and the reconstruction tasks sharing its GPU need "
+                            f"{per_gpu / 1e9:.1f} GB, a GPU has {p.gpu_memory_bytes / 1e9:.0f} GB")
+    return problems
+
+
+def _human(report: dict[str, Any]) -> str:
+    gib = 2**30
+    m, r = report["model"], report["resources"]
+    lines = [f"model: {m['num_layers']} layers, hidden {m['hidden']}, FFN {m['intermediate']}, "
+             f"{m['layer_bytes'] / gib:.2f} GiB per layer",
+             f"resources ({r['profile']} x {r['nodes']} node(s)): {r['num_workers']} calibration worker(s), "
+             f"{r['gpus_per_worker']:g} GPU each; reconstruction tasks {r['reconstruct_gpus']:g} GPU each",
+             f"{'process':<12} {'count':>5} {'peak host GiB':>14} {'peak GPU GiB':>13}"]
+    for p in report["processes"]:
+        lines.append(f"{p['kind']:<12} {p['count']:>5} {p['peak_host_bytes'] / gib:>14.2f} {p['peak_gpu_bytes'] / gib:>13.2f}")
+    s = report["seconds_estimate"]
+    lines += [f"read {report['bytes_read'] / 1e9:.1f} GB, write {report['bytes_written'] / 1e9:.1f} GB, "
+              f"object store {report['object_store_bytes_per_layer'] / 1e9:.2f} GB per layer",
+              "FLOPs: " + ", ".join(f"{k} {v:.3g}" for k, v in report["flops"].items()),
+              f"time estimate: {s['total'] / 60:.1f} min (calibration {s['calibration']:.0f} s, reconstruction "
+              f"{s['reconstruct']:.0f} s, reading {s['read']:.0f} s; efficiency {EFFICIENCY}, no overlap assumed; "
+              f"rates: {report['assumptions']['profile']['source']})"]
+    if report["fits"]:
+        lines += ["DOES NOT FIT:"] + [f"  {p}" for p in report["fits"]]
+    return "\n".join(lines)
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="what a run will cost (memory per process, bytes, FLOPs, time), "
+                                           "from config.json alone")
+    p.add_argument("source", help="checkpoint directory or URL (config.json alone is enough)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--reconstruct-gpus", type=float, default=None)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--num-outliers", type=int, default=8)
+    p.add_argument("--device-profile", choices=("cpu", *PROFILES), default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    shape = read_shape(a.source)
+    profile = cpu_profile() if a.device_profile == "cpu" else PROFILES[a.device_profile]
+    report = make_report(shape, profile, a.nodes, a.workers, a.gpus_per_worker, a.reconstruct_gpus,
+                         a.num_samples, a.seq_len, a.rank, a.num_outliers)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_human(report))
+    if report["fits"]:
+        print("aser: error: the run does not fit: " + "; ".join(report["fits"]), file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,70 @@
+"""What a run asks Ray for: the config's worker fields, with ``None`` (auto) filled from the
+cluster's resources, and refused when the cluster can never grant it (Ray would wait forever).
+The driver resolves against ``ray.cluster_resources()``; ``aser plan`` against a device profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aser.pipeline.config import WorkersConfig
+
+# Defaults on a cluster with GPUs: each GPU hosts one calibration actor (half of it: its forward
+# is short and memory-bound) and shares the rest among reconstruction tasks (Cholesky, SVD,
+# GPTQ of one linear each), so both kinds of work use every GPU and neither can starve the other.
+CALIB_GPU_FRACTION = 0.5
+RECONSTRUCT_GPU_FRACTION = 0.25
+
+
+class ResourceError(ValueError):
+    """The requested resources exceed what the cluster has; the message says which and how much."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the run asks Ray for, resolved from the config and the cluster's resources."""
+
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    reconstruct_gpus: float
+    cluster_gpus: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def workers_config(self) -> WorkersConfig:
+        return WorkersConfig(num_workers=self.num_workers, num_cpus_per_worker=self.cpus_per_worker,
+                             num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus)
+
+
+def resolve_resources(wc: WorkersConfig, cluster: dict[str, float]) -> Resources:
+    """Fill the config's ``None`` (auto) fields from ``ray.cluster_resources()``, and refuse what
+    the cluster can never grant (Ray would wait for it forever)."""
+    gpus = float(cluster.get("GPU", 0.0))
+    num_workers = wc.num_workers if wc.num_workers is not None else max(1, int(gpus))
+    per_worker = wc.num_gpus_per_worker
+    if per_worker is None:
+        per_worker = CALIB_GPU_FRACTION if gpus >= num_workers * CALIB_GPU_FRACTION else 0.0
+    recon = wc.reconstruct_gpus
+    if recon is None:
+        recon = RECONSTRUCT_GPU_FRACTION if gpus > 0 else 0.0
+    if num_workers * per_worker > gpus:
+        raise ResourceError(
+            f"{num_workers} calibration worker(s) x {per_worker:g} GPU need {num_workers * per_worker:g} GPUs; "
+            f"the Ray cluster has {gpus:g}. Lower --workers or --gpus-per-worker"
+        )
+    if recon > 0 and (gpus == 0 or (per_worker >= 1 and num_workers >= gpus)):
+        raise ResourceError(
+            f"reconstruction tasks ask for {recon:g} GPU each, but the cluster's {gpus:g} GPU(s) would be "
+            f"held whole by the calibration workers ({num_workers} x {per_worker:g}); give the workers "
+            "a fraction (--gpus-per-worker 0.5) or set --reconstruct-gpus 0"
+        )
+    cpus = float(cluster.get("CPU", 0.0))
+    if num_workers * wc.num_cpus_per_worker > cpus:
+        raise ResourceError(
+            f"{num_workers} calibration worker(s) x {wc.num_cpus_per_worker:g} CPU need "
+            f"{num_workers * wc.num_cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}"
+        )
+    return Resources(num_workers, wc.num_cpus_per_worker, per_worker, recon, gpus)
