@@ -28,7 +28,11 @@ def int_range(bits: int) -> tuple[int, int]:
 def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     """Scale for values with the given absolute maximum; never zero (eps of the dtype)."""
     qmin, qmax = int_range(bits)
-    scale = absmax / ((qmax - qmin) / 2)
+    # The divisor as a tensor: PyTorch's CUDA division by a Python scalar multiplies by its
+    # reciprocal ("may lose one bit of precision", BinaryDivTrueKernel.cu), so on an H200 the
+    # fp32 reference scales missed IEEE division, and the Triton kernel's div_rn, by an ulp in
+    # some rows. A tensor divisor divides exactly on every device (identical bytes on the CPU).
+    scale = absmax / torch.full((), (qmax - qmin) / 2, dtype=absmax.dtype, device=absmax.device)
     eps = torch.finfo(scale.dtype).eps
     return torch.where(scale == 0, torch.full_like(scale, eps), scale)
 

@@ -86,10 +86,8 @@ def read_shape(source: str) -> ModelShape:
     the checkpoint is there (a directory with config.json alone plans a model not downloaded)."""
     from aser.pipeline import sources
 
-    url = sources.resolve_source(source)
+    url = sources.resolve_source(source)  # SourceError names a directory without config.json
     config_url = storage.join(url, "config.json")
-    if not storage.exists(config_url):
-        raise PlanCmdError(f"{storage.redact(config_url)} is missing: aser plan needs the model's config.json")
     try:
         config = json.loads(storage.read_text(config_url))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

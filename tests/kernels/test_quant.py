@@ -135,3 +135,26 @@ def test_pack_accepts_the_whole_int4_range_and_nothing_else() -> None:
             quant.pack_int4(torch.tensor(bad, dtype=torch.int8))
     with pytest.raises(ValueError, match="takes int8 codes, got torch.int32"):
         quant.pack_int4(torch.zeros(1, 8, dtype=torch.int32))
+
+
+def test_scales_divide_by_a_tensor_not_a_python_scalar():
+    """On CUDA, PyTorch divides by a Python scalar as a multiplication by its reciprocal (one
+    ulp off IEEE division). Seen on an H200: the fp32 reference's activation scales differed
+    from the Triton kernel's (IEEE div_rn) in some rows. The reference divides by a tensor, which
+    is exact everywhere; here: the div op's divisor is a tensor and the bytes equal true division."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    divisors = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.mul):
+                divisors.append((func.overloadpacket.__name__, type(args[1]).__name__))
+            return func(*args, **(kwargs or {}))
+
+    absmax = torch.rand(64, 1) * 10
+    with Spy():
+        scale = quant.symmetric_scale(absmax, 8)
+    assert divisors and all(d == ("div", "Tensor") for d in divisors[:1]), divisors
+    exact = torch.tensor([float(a) / 127.5 for a in absmax.flatten().double()], dtype=torch.float64)
+    assert torch.equal(scale.flatten(), exact.float())

@@ -1,0 +1,127 @@
+"""`aser plan` and the memory model it shares with the driver: config-only directories, the
+cost terms on known shapes, clear errors, and the driver's refusal of a run that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from aser.pipeline import driver, memory
+from aser.pipeline.plan_cmd import PROFILES, make_report, read_shape
+from aser.pipeline.resources import ResourceError
+
+GIB = 2**30
+
+
+def _config_dir(tmp_path: Path, name: str = "m", **dims) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    kw = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="bfloat16")
+    kw.update(dims)
+    LlamaConfig(**kw).save_pretrained(out)
+    return out
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aser.pipeline.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_config_only_directory_plans_with_the_json_contract(tmp_path: Path) -> None:
+    src = _config_dir(tmp_path)
+    res = _plan(str(src), "--device-profile", "h100", "--num-samples", "16", "--seq-len", "128", "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    kinds = {p["kind"]: p for p in rep["processes"]}
+    assert set(kinds) == {"driver", "calibration", "smooth", "reconstruct", "writer", "finalize"}
+    assert all({"count", "peak_host_bytes", "peak_gpu_bytes"} <= set(p) for p in rep["processes"])
+    for key in ("bytes_read", "bytes_written", "flops", "seconds_estimate", "assumptions"):
+        assert key in rep
+    # On an 8-GPU node the defaults resolve as the driver resolves them.
+    assert rep["resources"]["num_workers"] == 8 and rep["resources"]["gpus_per_worker"] == 0.5
+    assert kinds["calibration"]["peak_gpu_bytes"] > 0 and kinds["smooth"]["peak_gpu_bytes"] == 0
+    assert rep["model"]["dtype_bytes"] == 2  # from config.json: no safetensors here
+
+
+def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
+    """The statistics of one layer are one Gram per group: K = 256 for qkv, o and gate_up, 704
+    for down; the largest reconstruction is the linear with the largest K² + 5 N K."""
+    shape = read_shape(str(_config_dir(tmp_path)))
+    assert dict(shape.groups) == {"qkv": 256, "o": 256, "gate_up": 256, "down": 704}
+    cost = memory.estimate(shape, num_samples=16, seq_len=128, num_workers=2, gpus_per_worker=0.0,
+                           reconstruct_gpus=0.0, rank=32, num_outliers=8)
+    k = cost.by_kind()
+    stats64 = 8 * (3 * (256**2 + 2 * 256) + 704**2 + 2 * 704)
+    assert k["calibration"].terms["stats_fp64"] == stats64
+    assert k["smooth"].terms["stats_parts"] == 2 * stats64  # one part per worker
+    assert k["reconstruct"].terms["gram"] == 8 * 704**2  # down_proj: K = 704
+    assert k["reconstruct"].terms["nk_float64"] == memory.RECONSTRUCT_NK_BUFFERS * 8 * 256 * 704
+    # Each worker holds its shard: 8 of 16 samples, inputs and outputs, bf16.
+    assert k["calibration"].terms["hidden_states"] == 2 * 8 * 128 * 256 * 2
+    assert cost.bytes_read == 3 * shape.layer_bytes * 3 + shape.embed_bytes * 3  # 2 workers + smoothing
+    one = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
+    assert one["smooth"].terms["stats_reduced"] == 0 and k["smooth"].terms["stats_reduced"] == stats64
+
+
+def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
+    shape = read_shape(str(_config_dir(tmp_path)))
+    cpu = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
+    gpu = memory.estimate(shape, 16, 128, 1, 0.5, 0.25, 32, 8).by_kind()
+    assert cpu["calibration"].peak_gpu_bytes == 0 and cpu["reconstruct"].peak_gpu_bytes == 0
+    assert gpu["calibration"].peak_gpu_bytes > sum(gpu["calibration"].terms.values())
+    assert gpu["reconstruct"].peak_gpu_bytes > sum(gpu["reconstruct"].terms.values())
+
+
+def test_does_not_fit_says_which_process_and_exits_non_zero(tmp_path: Path) -> None:
+    """A 405B-class layer width on one H100: the GPU shared by a worker and two reconstruction
+    tasks cannot hold them."""
+    src = _config_dir(tmp_path, hidden_size=16384, intermediate_size=53248, num_attention_heads=128,
+                      num_key_value_heads=8, num_hidden_layers=2)
+    res = _plan(str(src), "--device-profile", "h100", "--num-samples", "128", "--seq-len", "2048")
+    assert res.returncode == 3
+    assert "DOES NOT FIT" in res.stdout
+    assert "GPU: a calibration worker and the reconstruction tasks sharing its GPU need" in res.stderr
+    assert "a GPU has 80 GB" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: None, "has no config.json: not a Hugging Face checkpoint directory"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8})), "gpt2"),
+    ],
+    ids=["no-config", "bad-json", "unsupported-architecture"],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, setup, message: str) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    setup(d)
+    res = _plan(str(d))
+    assert res.returncode != 0
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_driver_refuses_what_no_node_can_hold(tmp_path: Path) -> None:
+    shape = read_shape(str(_config_dir(tmp_path)))
+    cost = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8)
+    nodes = [{"Alive": True, "Resources": {"memory": 0.4 * GIB}}, {"Alive": False, "Resources": {"memory": 99 * GIB}}]
+    with pytest.raises(ResourceError, match=r"^a calibration process needs 0\.\d GiB of host memory .*the largest "
+                                            r"Ray node offers 0\.4 GiB"):
+        driver.fit_memory(cost, nodes)
+    asked = driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": 64 * GIB}}])
+    assert asked == {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
+
+
+def test_make_report_uses_the_profile_and_node_count(tmp_path: Path) -> None:
+    shape = read_shape(str(_config_dir(tmp_path)))
+    one = make_report(shape, PROFILES["h200"], 1, None, None, None, 16, 128, 32, 8)
+    two = make_report(shape, PROFILES["h200"], 2, None, None, None, 16, 128, 32, 8)
+    assert two["resources"]["num_workers"] == 16 and one["resources"]["num_workers"] == 8
+    assert two["seconds_estimate"]["reconstruct"] < one["seconds_estimate"]["reconstruct"]
