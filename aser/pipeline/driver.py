@@ -267,8 +267,13 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
 def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:
     """The memory model of this run (the figures ``aser plan`` prints for it)."""
     shape = ModelShape.from_checkpoint(plan.config_dict, plan.index)
+    text_bytes = 0
+    if config.calib.source is not None:
+        fs, path = storage.resolve(config.calib.source)
+        text_bytes = int(fs.size(path) or 0)
     return estimate(shape, config.calib.num_samples, config.calib.seq_len, res.num_workers, res.gpus_per_worker,
-                    res.reconstruct_gpus, config.method.rank, config.method.num_outliers, MAX_INFLIGHT_LAYERS)
+                    res.reconstruct_gpus, config.method.rank, config.method.num_outliers, MAX_INFLIGHT_LAYERS,
+                    text_bytes)
 
 
 def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:

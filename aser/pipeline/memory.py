@@ -28,6 +28,11 @@ CUDA_CONTEXT_GPU_BYTES = 600 * 2**20
 # zeroed, E S (whitened SVD input) or the residual R, and D G inside the error metrics.
 RECONSTRUCT_NK_BUFFERS = 5
 FORWARD_BATCH = 8  # workers.calibration.FORWARD_BATCH_SIZE (not imported: plan must stay light)
+# The driver's tokenizer (a fast BPE tokenizer: +50 MB for SmolLM2's 49,152 entries, measured)
+# and the transient cost of tokenizing the calibration text (+91 MB for WikiText-2's 1.3 MB test
+# split, measured: Python and Rust objects per token).
+TOKENIZER_BYTES_PER_ENTRY = 1000
+TOKENIZE_BYTES_PER_TEXT_BYTE = 70
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,11 @@ class ModelShape:
     def layer_params(self) -> int:
         return self.layer_bytes // self.dtype_bytes
 
+    @property
+    def embedding_bytes(self) -> int:
+        """One (vocab, hidden) matrix: the embedding, or an untied head."""
+        return self.vocab * self.hidden * self.dtype_bytes
+
 
 @dataclass
 class ProcessCost:
@@ -131,7 +141,7 @@ class RunCost:
 
 def estimate(
     shape: ModelShape, num_samples: int, seq_len: int, num_workers: int, gpus_per_worker: float,
-    reconstruct_gpus: float, rank: int, num_outliers: int, inflight_layers: int = 2,
+    reconstruct_gpus: float, rank: int, num_outliers: int, inflight_layers: int = 2, calib_text_bytes: int = 0,
 ) -> RunCost:
     """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc)."""
     H, I, T = shape.hidden, shape.intermediate, seq_len
@@ -145,8 +155,11 @@ def estimate(
     # attention scores (B, heads, T, T) in fp32, and a statistics hook's fp32 copy of its input.
     forward = batch * T * (3 * I * act + 4 * k_max) + 4 * batch * shape.num_heads * T * T
     hidden = 2 * shard * T * H * act  # the shard's inputs and the layer's outputs
-    calib_terms = {"hidden_states": hidden, "layer": shape.layer_bytes, "stats_fp64": stats64,
-                   "stats_fp32_batch": stats32, "forward_batch": forward}
+    # The embedding is read (raw bytes, then the tensor) to embed the shard; the statistics are
+    # serialized into the object store when collect returns them.
+    calib_terms = {"embedding": 2 * shape.embedding_bytes, "hidden_states": hidden, "layer": shape.layer_bytes,
+                   "stats_fp64": stats64, "stats_fp32_batch": stats32, "stats_serialized": stats64,
+                   "forward_batch": forward}
     on_gpu = gpus_per_worker > 0
     if on_gpu:
         calib = ProcessCost("calibration", num_workers,
@@ -178,12 +191,17 @@ def estimate(
     r_total = rank + num_outliers
     adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * act
     codes = shape.layer_params  # int8 codes (w4a8) on disk: one byte per weight
-    write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer}
+    # The embedding and head stages are copied by the same kind of task: read bytes, tensor,
+    # serialized shard.
+    write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer,
+                   "stage_copy": 3 * shape.embedding_bytes}
     writer = ProcessCost("writer", inflight_layers, BASE_PROCESS_BYTES + sum(write_terms.values()), 0, write_terms)
     fin_terms = {"adapter": adapter_layer * shape.num_layers}
     finalize = ProcessCost("finalize", 1, BASE_PROCESS_BYTES + sum(fin_terms.values()), 0, fin_terms)
-    driver = ProcessCost("driver", 1, BASE_PROCESS_BYTES + 8 * num_samples * seq_len, 0,
-                         {"tokens": 8 * num_samples * seq_len})
+    driver_terms = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
+                    "calibration_text": TOKENIZE_BYTES_PER_TEXT_BYTE * calib_text_bytes,
+                    "tokens": 8 * num_samples * seq_len}
+    driver = ProcessCost("driver", 1, BASE_PROCESS_BYTES + sum(driver_terms.values()), 0, driver_terms)
 
     L = shape.num_layers
     tokens = num_samples * seq_len
