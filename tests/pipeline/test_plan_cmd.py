@@ -4,14 +4,13 @@ cost terms on known shapes, clear errors, and the driver's refusal of a run that
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
 
-from aser.pipeline import driver, memory
+from aser.pipeline import cli, driver, memory
 from aser.pipeline.plan_cmd import PROFILES, make_report, read_shape
 from aser.pipeline.resources import ResourceError
 
@@ -28,12 +27,25 @@ def _config_dir(tmp_path: Path, name: str = "m", **dims) -> Path:
     return out
 
 
-def _plan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aser.pipeline.cli", "plan", *args], capture_output=True, text=True,
-                          timeout=300)
+@dataclass
+class _Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_config_only_directory_plans_with_the_json_contract(tmp_path: Path) -> None:
+@pytest.fixture
+def _plan(capsys: pytest.CaptureFixture[str]):
+    """`aser plan ARGS` through the CLI's own main (in process: the subprocess start-up would
+    cost seconds per call)."""
+    def run(*args: str) -> _Result:
+        code = cli.main(["plan", *args])
+        out = capsys.readouterr()
+        return _Result(code, out.out, out.err)
+    return run
+
+
+def test_config_only_directory_plans_with_the_json_contract(tmp_path: Path, _plan) -> None:
     src = _config_dir(tmp_path)
     res = _plan(str(src), "--device-profile", "h100", "--num-samples", "16", "--seq-len", "128", "--json")
     assert res.returncode == 0, res.stderr
@@ -78,7 +90,7 @@ def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
     assert gpu["reconstruct"].peak_gpu_bytes > sum(gpu["reconstruct"].terms.values())
 
 
-def test_does_not_fit_says_which_process_and_exits_non_zero(tmp_path: Path) -> None:
+def test_does_not_fit_says_which_process_and_exits_non_zero(tmp_path: Path, _plan) -> None:
     """A 405B-class layer width on one H100: the GPU shared by a worker and two reconstruction
     tasks cannot hold them."""
     src = _config_dir(tmp_path, hidden_size=16384, intermediate_size=53248, num_attention_heads=128,
@@ -99,7 +111,7 @@ def test_does_not_fit_says_which_process_and_exits_non_zero(tmp_path: Path) -> N
     ],
     ids=["no-config", "bad-json", "unsupported-architecture"],
 )
-def test_bad_input_is_one_clear_line(tmp_path: Path, setup, message: str) -> None:
+def test_bad_input_is_one_clear_line(tmp_path: Path, setup, message: str, _plan) -> None:
     d = tmp_path / "src"
     d.mkdir()
     setup(d)
