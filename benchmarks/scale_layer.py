@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -25,7 +26,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from aser.pipeline import driver
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pipeline"))
+from rss_sampler import sample_rss_anon  # noqa: E402  (the depth-leak test's sampler)
+
+from aser.pipeline import driver  # noqa: E402
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
 from aser.checkpoint.layers import layer_prefix
 from aser.workers.calibration import expected_layer_tensors, hf_config
@@ -87,17 +91,21 @@ ROLE_KIND = {"calibration": "calibration", "smooth": "smooth", "reconstruct": "r
 
 
 def predicted_vs_measured(summary: dict) -> list[dict]:
-    """Per process of the run: its measured peak RSS against the memory model's prediction (the
-    manifest's summary.plan, what the driver asked Ray for). A Ray worker process serves several
-    roles over a run; its prediction is the largest of its roles'."""
+    """Per process of the run: its measured peak RSS (ru_maxrss: counts the object-store pages it
+    touched, which accumulate over a run) and peak private memory (RssAnon, sampled) against the
+    memory model's prediction (the manifest's summary.plan, what the driver asked Ray for). A
+    Ray worker process serves several roles over a run; its prediction is the largest of its
+    roles'. The driver here is also the process that wrote the synthetic checkpoint."""
     plan = summary.get("plan", {})
     rows = []
     for p in summary["processes"]:
         kinds = [ROLE_KIND[r] for r in p["role"].split("+") if r in ROLE_KIND]
         predicted = max((plan[k]["peak_host_bytes"] for k in kinds if k in plan), default=0)
-        rows.append({"pid": p["pid"], "role": p["role"], "measured_bytes": p["peak_rss_bytes"],
-                     "predicted_bytes": predicted,
-                     "ratio": p["peak_rss_bytes"] / predicted if predicted else None})
+        anon = p.get("peak_rss_anon_bytes", 0)
+        rows.append({"pid": p["pid"], "role": p["role"], "measured_rss_bytes": p["peak_rss_bytes"],
+                     "measured_rss_anon_bytes": anon, "predicted_bytes": predicted,
+                     "ratio_rss": p["peak_rss_bytes"] / predicted if predicted else None,
+                     "ratio_anon": anon / predicted if predicted and anon else None})
     return rows
 
 
@@ -136,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                           seq_len=args.seq_len),
         workers=WorkersConfig(num_workers=args.workers, num_cpus_per_worker=args.cpus_per_worker),
     )
-    res = driver.run(cfg, show_progress=False)
+    with sample_rss_anon(os.getpid()) as anon:
+        res = driver.run(cfg, show_progress=False)
     s = res.manifest.summary
+    for p in s["processes"]:
+        p["peak_rss_anon_bytes"] = anon.get(int(p["pid"]), 0)
     linears = {f"{i}.{name}": {k: m.get(k) for k in ("seconds", "svd_s", "cholesky_s", "quantize_s", "rank")}
                for i, rec in sorted(res.manifest.layers.items()) for name, m in rec.metrics.items()
                if not name.startswith("group:")}

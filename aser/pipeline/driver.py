@@ -238,9 +238,12 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
     linear_names = list(plan.linear_names)
     pending: list[_Pending] = []
     for i in range(start, L):
-        collected = [a.collect.options(num_returns=2).remote(i) for a in actors]
+        # The layer is read from storage once; its object goes to every worker and the smoothing.
+        tensors, nbytes, read_s = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
+            plan.source_url, plan.config_dict, i)
+        collected = [a.collect.options(num_returns=2).remote(i, tensors) for a in actors]
         outs = fns["smooth"].options(num_returns=n_out).remote(
-            plan.source_url, plan.config_dict, i, cfg.method, *[c[0] for c in collected]
+            plan.config_dict, i, cfg.method, tensors, nbytes, read_s, *[c[0] for c in collected]
         )
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
         use_gpu = ctx.resources.reconstruct_gpus > 0
@@ -253,7 +256,7 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
             advanced = [a.advance.remote(i) for a in actors]
         else:
             advanced = [a.propagate_quantized.remote(i, meta, linear_names, *results) for a in actors]
-        del outs, meta, payloads, weights, results
+        del outs, meta, payloads, weights, results, tensors, nbytes, read_s
         pending.append(_Pending(i, writer, [c[1] for c in collected], advanced))
         # Record finished layers in order; wait only when too many are in flight.
         while pending and (

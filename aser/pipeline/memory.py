@@ -145,7 +145,10 @@ def estimate(
 ) -> RunCost:
     """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc)."""
     H, I, T = shape.hidden, shape.intermediate, seq_len
-    act = shape.dtype_bytes
+    on_gpu = gpus_per_worker > 0
+    # workers.calibration.compute_dtype: 16-bit checkpoints run in float32 on a CPU.
+    act = shape.dtype_bytes if on_gpu else 4
+    layer_compute = shape.layer_params * act  # the built layer, in the compute dtype
     shard = math.ceil(num_samples / num_workers)
     batch = min(FORWARD_BATCH, shard)
     stats64 = 8 * sum(k * k + 2 * k for _, k in shape.groups)
@@ -157,10 +160,10 @@ def estimate(
     hidden = 2 * shard * T * H * act  # the shard's inputs and the layer's outputs
     # The embedding is read (raw bytes, then the tensor) to embed the shard; the statistics are
     # serialized into the object store when collect returns them.
-    calib_terms = {"embedding": 2 * shape.embedding_bytes, "hidden_states": hidden, "layer": shape.layer_bytes,
+    calib_terms = {"embedding": 2 * shape.embedding_bytes, "hidden_states": hidden,
+                   "layer": shape.layer_bytes + layer_compute,  # as read (shared) and as built
                    "stats_fp64": stats64, "stats_fp32_batch": stats32, "stats_serialized": stats64,
                    "forward_batch": forward}
-    on_gpu = gpus_per_worker > 0
     if on_gpu:
         calib = ProcessCost("calibration", num_workers,
                             BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + shape.layer_bytes + stats64,
@@ -179,17 +182,18 @@ def estimate(
     big = max(shape.linears, key=lambda lin: (lin.in_features ** 2 + RECONSTRUCT_NK_BUFFERS * lin.out_features
                                                * lin.in_features))
     N, K = big.out_features, big.in_features
-    rec_terms = {"gram": 8 * K * K, "cholesky_factor": 8 * K * K, "weight": act * N * K,
+    rec_terms = {"gram": 8 * K * K, "cholesky_factor": 8 * K * K, "weight": shape.dtype_bytes * N * K,
                  "nk_float64": RECONSTRUCT_NK_BUFFERS * 8 * N * K}
     rec_tasks = len(shape.linears) * inflight_layers
     if reconstruct_gpus > 0:
-        rec = ProcessCost("reconstruct", rec_tasks, BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + 8 * K * K + act * N * K,
+        rec = ProcessCost("reconstruct", rec_tasks,
+                          BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + 8 * K * K + shape.dtype_bytes * N * K,
                           CUDA_CONTEXT_GPU_BYTES + sum(rec_terms.values()), rec_terms)
     else:
         rec = ProcessCost("reconstruct", rec_tasks, BASE_PROCESS_BYTES + sum(rec_terms.values()), 0, rec_terms)
 
     r_total = rank + num_outliers
-    adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * act
+    adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * shape.dtype_bytes
     codes = shape.layer_params  # int8 codes (w4a8) on disk: one byte per weight
     # The embedding and head stages are copied by the same kind of task: read bytes, tensor,
     # serialized shard.
@@ -205,12 +209,14 @@ def estimate(
 
     L = shape.num_layers
     tokens = num_samples * seq_len
-    # Each calibration worker reads every layer; the smoothing task reads it once more.
-    bytes_read = L * shape.layer_bytes * (num_workers + 1) + shape.embed_bytes * (num_workers + 1)
+    # Each layer is read once (``load_layer_task``; the workers and the smoothing share it
+    # through the object store); each worker reads the embedding, the copy tasks read the
+    # embedding and head stages.
+    bytes_read = L * shape.layer_bytes + shape.embedding_bytes * num_workers + shape.embed_bytes
     bytes_written = L * (codes + adapter_layer) + shape.embed_bytes
-    # Per layer in the object store: the statistics parts and the smoothed statistics, the
-    # folded layer, the results.
-    store = parts + stats64 + shape.layer_bytes + codes + adapter_layer
+    # Per layer in the object store: the layer as read, the statistics parts and the smoothed
+    # statistics, the folded layer, the results.
+    store = shape.layer_bytes + parts + stats64 + shape.layer_bytes + codes + adapter_layer
     flops = {
         "calibration_forward": float(L * tokens * (2 * shape.layer_params + 2 * T * H)),
         "statistics": float(L * tokens * 2 * shape.gram_elements),

@@ -28,7 +28,7 @@ from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint.formats import OutputFormat
 from aser.checkpoint.state import FileRecord
 from aser.workers.arch import groups_for
-from aser.workers.calibration import expected_layer_tensors, hf_config, process_info
+from aser.workers.calibration import hf_config, process_info, read_layer
 from aser.workers.device import worker_device
 from aser.workers.reconstruct import LinearResult, MethodConfig, reconstruct_linear, smooth_layer
 from aser.workers.stats import GroupStats, reduce_stats
@@ -78,29 +78,41 @@ def smooth_outputs(config_dict: Mapping[str, Any]) -> int:
     return 1 + len(groups) + sum(len(g.linears) for g in groups)
 
 
+LOAD_LAYER_OUTPUTS = 3
+
+
+def load_layer_task(source_url: str, config_dict: Mapping[str, Any], layer_idx: int) -> tuple[Any, ...]:
+    """Read decoder layer ``layer_idx`` from storage once for the whole run: returns (tensors
+    by relative name, bytes read, seconds) as three objects (``LOAD_LAYER_OUTPUTS``). The driver hands the tensors' object to every
+    calibration worker and to the smoothing task; Ray keeps one copy per node in its object
+    store (shared memory, read in place) and moves it between nodes once per node, so a layer
+    costs one storage read however many workers there are."""
+    torch.set_num_threads(TASK_THREADS)
+    t0 = time.perf_counter()
+    tensors, nbytes = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
+    return tensors, nbytes, time.perf_counter() - t0
+
+
 def smooth_task(
-    source_url: str,
     config_dict: Mapping[str, Any],
     layer_idx: int,
     method: MethodConfig,
+    tensors: Mapping[str, torch.Tensor],
+    nbytes: int,
+    read_s: float,
     *stats_parts: Mapping[str, GroupStats],
 ) -> tuple[Any, ...]:
-    """Reduce ``stats_parts`` (one per worker, in rank order), read layer ``layer_idx`` and
-    smooth it. Returns (LayerMeta, GroupPayload per group, W (N, K) per linear) in
-    ``groups_for`` order."""
+    """Reduce ``stats_parts`` (one per worker, in rank order) and smooth layer ``layer_idx``
+    (``tensors, nbytes, read_s``: ``load_layer_task``'s outputs). Returns (LayerMeta, GroupPayload per group,
+    W (N, K) per linear) in ``groups_for`` order."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     config = hf_config(config_dict)
     groups = groups_for(config)
     stats = {g.name: reduce_stats([p[g.name] for p in stats_parts]) for g in groups}
     t1 = time.perf_counter()
-    source = sio.open_source(source_url)
-    prefix = layer_io.layer_prefix(layer_idx)
-    names = [prefix + n for n in expected_layer_tensors(config, layer_idx)]
-    tensors = {n[len(prefix):]: t for n, t in sio.read_tensors(source, names).items()}
-    nbytes = sum(source.tensors[n].end - source.tensors[n].start for n in names)
     t2 = time.perf_counter()
-    sm = smooth_layer(tensors, stats, method, config)
+    sm = smooth_layer(dict(tensors), stats, method, config)
     t3 = time.perf_counter()
     linears = [lin for g in groups for lin in g.linears]
     quantized = {f"{lin}.weight" for lin in linears}
@@ -109,7 +121,7 @@ def smooth_task(
         choices=sm.choices,
         linear_names=linears,
         bytes_read=nbytes,
-        seconds={"reduce": t1 - t0, "load_smooth": t2 - t1, "smooth": t3 - t2},
+        seconds={"reduce": t1 - t0, "read_layer": read_s, "smooth": t3 - t2},
         process=process_info("smooth"),
     )
     payloads = [GroupPayload(sm.stats[g.name], sm.outliers[g.name]) for g in groups]

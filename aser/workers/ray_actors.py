@@ -6,7 +6,7 @@ Every retry setting is explicit here, with its reason:
   (the shard's hidden states); a restarted actor would come back empty and replaying one method
   cannot rebuild it. The driver recovers instead, at the last persisted layer boundary, with new
   actors (``driver.MAX_RECOVERIES``) — the same path as resuming after a driver crash.
-- Tasks (smoothing, reconstruction, writer, copy, finalize): ``max_retries=3`` on system
+- Tasks (layer read, smoothing, reconstruction, writer, copy, finalize): ``max_retries=3`` on system
   failures (the process or its node died). They are pure or idempotent (deterministic names,
   atomic writes), so running one twice gives the same bytes.
 - ``retry_exceptions``: only for work that touches storage (the writers, the finalize), and only
@@ -91,6 +91,7 @@ def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | 
     """
     mem = dict(memory or {})
     return {
+        "load_layer": _task(layer_tasks.load_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
         "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS, memory=mem.get("smooth", 0)),
         "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus,
                              memory=mem.get("reconstruct", 0)),

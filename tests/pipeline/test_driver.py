@@ -110,6 +110,12 @@ def test_multi_node_equals_single_worker_and_is_deterministic(
         res = driver.run(run_config(paths["source"], dest, paths["calib"], num_workers=3), show_progress=False)
         workers = res.manifest.summary["workers"]
         assert sorted(w["rank"] for w in workers) == [0, 1, 2]
+        # Each layer is read from storage once, not once per worker (the workers share it).
+        src = sio.open_source(paths["source"])
+        for i in range(5):  # stories260K's layers
+            rec = res.manifest.layers[i]
+            on_disk = sum(t.end - t.start for n, t in src.tensors.items() if n.startswith(f"model.layers.{i}."))
+            assert rec.bytes_read == on_disk, (i, rec.bytes_read, on_disk)
         # The calibration shards really ran on several machines (SPREAD is best effort: >= 2).
         assert len({w["node_id"] for w in workers}) >= 2, workers
         runs.append(output_files(dest))

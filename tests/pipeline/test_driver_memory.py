@@ -22,15 +22,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from rss_sampler import sample_rss_anon
 from synthetic_llama import layer_bytes, write_random_llama
 
 # 40 MB per layer (fp32): q, k, v, o of 1024 x 1024 and an MLP of 2 x 1024.
@@ -43,9 +41,6 @@ SHALLOW, DEEP = 3, 11
 # differed by -0.05 to +2.7 layers in four runs, the calibration worker's by 0.4, the driver's by
 # 0.05. A process keeping every layer grows by the 8 extra layers, twice this.
 MAX_GROWTH_LAYERS = 4.0
-SAMPLE_INTERVAL_S = 0.01
-TREE_INTERVAL_S = 0.5
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 LEAK_ENV = "ASER_TEST_LEAK_LAYERS"
 # Installed as sitecustomize in every Python process of a run (the test of the test): the
 # calibration worker keeps each layer it builds, as a worker caching modules would.
@@ -79,69 +74,6 @@ if os.environ.get("%s"):
 ''' % LEAK_ENV
 
 
-def _python_descendants(pid: int) -> list[int]:
-    """``pid`` and the Ray worker processes under it (not Ray's daemons: raylet, GCS, agents)."""
-    out, stack = [pid], [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::"):  # a worker (its title: ray::IDLE, ray::smooth_task ...)
-                    out.append(p)
-        except OSError:
-            continue
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return out
-
-
-def _rss_anon_bytes(pid: int) -> int:
-    """Resident pages not backed by a file or shared memory (statm: resident - shared), i.e.
-    ``RssAnon``; statm is the cheapest of /proc's memory files, so the sampler can run often."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            fields = f.read().split()
-    except OSError:
-        return 0  # the process has exited
-    return (int(fields[1]) - int(fields[2])) * PAGE_BYTES
-
-
-@contextmanager
-def _sample_rss_anon(root_pid: int) -> Iterator[dict[int, int]]:
-    """Peak RssAnon of ``root_pid`` and its descendants, sampled until the block ends.
-
-    A task worker's peak lasts ~0.1 s (a layer's tensors next to their serialised copies): the
-    known processes are sampled every few ms, and the process tree (a walk over every thread of
-    Ray's daemons) is read again only every ``TREE_INTERVAL_S``."""
-    peaks: dict[int, int] = {}
-    done = threading.Event()
-
-    def sample() -> None:
-        pids, next_tree = [root_pid], 0.0
-        while not done.is_set():
-            if time.monotonic() >= next_tree:
-                pids, next_tree = _python_descendants(root_pid), time.monotonic() + TREE_INTERVAL_S
-            for pid in pids:
-                peaks[pid] = max(peaks.get(pid, 0), _rss_anon_bytes(pid))
-            done.wait(SAMPLE_INTERVAL_S)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peaks
-    finally:
-        done.set()
-        thread.join()
-
-
 def _kind(role: str) -> str:
     return role if role in ("driver", "calibration") else "task"
 
@@ -163,7 +95,7 @@ def _peak_by_kind(tmp_path: Path, stories_dir: Path, calib: Path, num_layers: in
             "--cpus-per-worker", "0.5", "--address", "local", "--no-progress", "--json"]
     proc = subprocess.Popen([sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with _sample_rss_anon(proc.pid) as peaks:
+    with sample_rss_anon(proc.pid) as peaks:
         stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]

@@ -74,9 +74,13 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     assert k["smooth"].terms["stats_parts"] == 2 * stats64  # one part per worker
     assert k["reconstruct"].terms["gram"] == 8 * 704**2  # down_proj: K = 704
     assert k["reconstruct"].terms["nk_float64"] == memory.RECONSTRUCT_NK_BUFFERS * 8 * 256 * 704
-    # Each worker holds its shard: 8 of 16 samples, inputs and outputs, bf16.
-    assert k["calibration"].terms["hidden_states"] == 2 * 8 * 128 * 256 * 2
-    assert cost.bytes_read == 3 * shape.layer_bytes * 3 + shape.embed_bytes * 3  # 2 workers + smoothing
+    # Each worker holds its shard: 8 of 16 samples, inputs and outputs, in the compute dtype:
+    # fp32 on a CPU for this bf16 checkpoint, bf16 on a GPU.
+    assert k["calibration"].terms["hidden_states"] == 2 * 8 * 128 * 256 * 4
+    on_gpu = memory.estimate(shape, 16, 128, 2, 0.5, 0.25, 32, 8).by_kind()
+    assert on_gpu["calibration"].terms["hidden_states"] == 2 * 8 * 128 * 256 * 2
+    # Each layer once, whatever the worker count; the embedding by each worker and the copy.
+    assert cost.bytes_read == 3 * shape.layer_bytes + 2 * shape.embedding_bytes + shape.embed_bytes
     one = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
     assert one["smooth"].terms["stats_reduced"] == 0 and k["smooth"].terms["stats_reduced"] == stats64
 
