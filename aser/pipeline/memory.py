@@ -158,19 +158,23 @@ def estimate(
     # attention scores (B, heads, T, T) in fp32, and a statistics hook's fp32 copy of its input.
     forward = batch * T * (3 * I * act + 4 * k_max) + 4 * batch * shape.num_heads * T * T
     hidden = 2 * shard * T * H * act  # the shard's inputs and the layer's outputs
-    # The embedding is read (raw bytes, then the tensor) to embed the shard; the statistics are
-    # serialized into the object store when collect returns them.
-    calib_terms = {"embedding": 2 * shape.embedding_bytes, "hidden_states": hidden,
-                   "layer": shape.layer_bytes + layer_compute,  # as read (shared) and as built
-                   "stats_fp64": stats64, "stats_fp32_batch": stats32, "stats_serialized": stats64,
-                   "forward_batch": forward}
+    # The embedding is read on the host (raw bytes, then the tensor) to embed the shard; the layer
+    # arrives from the object store and is built in the compute dtype on the worker's device;
+    # the statistics accumulate there and are moved to the host and serialized into the object
+    # store when collect returns them.
+    host_terms = {"embedding": 2 * shape.embedding_bytes, "layer_shared": shape.layer_bytes,
+                  "stats_serialized": stats64}
+    device_terms = {"hidden_states": hidden, "layer_built": layer_compute, "stats_fp64": stats64,
+                    "stats_fp32_batch": stats32, "forward_batch": forward}
     if on_gpu:
+        host_terms["stats_on_host"] = stats64
         calib = ProcessCost("calibration", num_workers,
-                            BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + shape.layer_bytes + stats64,
-                            CUDA_CONTEXT_GPU_BYTES + sum(calib_terms.values()), calib_terms)
+                            BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + sum(host_terms.values()),
+                            CUDA_CONTEXT_GPU_BYTES + sum(device_terms.values()), {**host_terms, **device_terms})
     else:
-        calib = ProcessCost("calibration", num_workers, BASE_PROCESS_BYTES + sum(calib_terms.values()), 0,
-                            calib_terms)
+        calib = ProcessCost("calibration", num_workers,
+                            BASE_PROCESS_BYTES + sum(host_terms.values()) + sum(device_terms.values()), 0,
+                            {**host_terms, **device_terms})
 
     # Smoothing: the workers' partial statistics (read from the object store), their sum, the
     # statistics of the smoothed input, the layer read and its folded copy.
