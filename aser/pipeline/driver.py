@@ -243,7 +243,7 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
             plan.source_url, plan.config_dict, i)
         collected = [a.collect.options(num_returns=2).remote(i, tensors) for a in actors]
         outs = fns["smooth"].options(num_returns=n_out).remote(
-            plan.config_dict, i, cfg.method, tensors, nbytes, read_s, *[c[0] for c in collected]
+            plan.config_dict, i, cfg.method, tensors, nbytes, read_s, [c[0] for c in collected]
         )
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
         use_gpu = ctx.resources.reconstruct_gpus > 0

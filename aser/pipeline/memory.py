@@ -176,10 +176,11 @@ def estimate(
                             BASE_PROCESS_BYTES + sum(host_terms.values()) + sum(device_terms.values()), 0,
                             {**host_terms, **device_terms})
 
-    # Smoothing: the workers' partial statistics (read from the object store), their sum, the
-    # statistics of the smoothed input, the layer read and its folded copy.
-    parts = num_workers * stats64
-    smooth_terms = {"stats_parts": parts, "stats_reduced": stats64 if num_workers > 1 else 0,
+    # Smoothing: one worker's partial statistics at a time (ray_actors.smooth_streaming), the
+    # running sum and the next sum while it is formed, the statistics of the smoothed input, the
+    # layer (shared) and its folded copy.
+    parts = num_workers * stats64  # what the object store holds per layer
+    smooth_terms = {"stats_part": stats64, "stats_sum": 2 * stats64 if num_workers > 1 else 0,
                     "stats_smoothed": stats64, "layer_read": shape.layer_bytes, "layer_folded": shape.layer_bytes}
     smooth = ProcessCost("smooth", inflight_layers, BASE_PROCESS_BYTES + sum(smooth_terms.values()), 0, smooth_terms)
 

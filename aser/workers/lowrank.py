@@ -24,6 +24,11 @@ class LowRank:
     cholesky_tries: int
     cholesky_s: float = 0.0
     svd_s: float = 0.0
+    # Whitened only: the factor S (S Sᵀ = G + shift·I), the shift, and E S (the SVD's input),
+    # kept so that output errors come as ‖D X‖² = ‖D S‖² − shift·‖D‖² without D G products.
+    factor: torch.Tensor | None = None
+    shift: float = 0.0
+    projected: torch.Tensor | None = None
 
 
 def damped_cholesky(G: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
@@ -35,9 +40,7 @@ def damped_cholesky(G: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[t
     is 6.1 GiB in float64; the earlier form (an identity, λ·I, G + λI, then the factor) held four
     such buffers: 24 GiB above G on an H200, measured.
     """
-    mean_diag = float(torch.diagonal(G).mean())
-    if not mean_diag > 0:
-        mean_diag = 1.0  # all-zero inputs: whitening degenerates to the identity
+    mean_diag = _mean_diag(G)
     S = torch.empty_like(G)
     info = torch.empty((), dtype=torch.int32, device=G.device)
     lam = damp
@@ -49,6 +52,20 @@ def damped_cholesky(G: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[t
             return S, lam, attempt
         lam *= 10.0
     raise torch.linalg.LinAlgError(f"Cholesky failed after {max_tries} tries (last λ={lam / 10:g})")
+
+
+def _mean_diag(G: torch.Tensor) -> float:
+    """The damping's unit: mean(diag G), or 1 for all-zero inputs (whitening degenerates to the
+    identity)."""
+    mean_diag = float(torch.diagonal(G).mean())
+    return mean_diag if mean_diag > 0 else 1.0
+
+
+def whitened_error_sq(DS: torch.Tensor, D: torch.Tensor, shift: float) -> float:
+    """‖D X‖_F² from D S and D, where S Sᵀ = G + shift·I = X Xᵀ + shift·I: tr(D G Dᵀ) =
+    ‖D S‖² − shift·‖D‖², exact up to rounding (clamped at 0 against it). Costs two reductions
+    instead of the 2 N K² of ``output_error_sq``."""
+    return max(float((DS * DS).sum()) - shift * float((D * D).sum()), 0.0)
 
 
 def _top_svd(A: torch.Tensor, rank: int, mode: str, niter: int, oversample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +119,8 @@ def whitened_lowrank(
     L_A = U * sig[:r]
     # L_B = V_rᵀ S⁻¹  ⇔  L_Bᵀ = S⁻ᵀ V_r: a triangular solve with Sᵀ (upper), never an inverse.
     L_B = torch.linalg.solve_triangular(S.T, V, upper=True).T
-    return LowRank(L_A, L_B, sig, lam, tries, cholesky_s=t1 - t0, svd_s=time.perf_counter() - t1)
+    return LowRank(L_A, L_B, sig, lam, tries, cholesky_s=t1 - t0, svd_s=time.perf_counter() - t1,
+                   factor=S, shift=lam * _mean_diag(G), projected=ES)
 
 
 def plain_lowrank(E: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 4, oversample: int = 16) -> LowRank:

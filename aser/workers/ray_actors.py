@@ -62,6 +62,27 @@ def calibration_actor(num_cpus: float, num_gpus: float, memory: int = 0) -> Any:
     return ray.remote(**opts)(PlacedCalibrationWorker)
 
 
+def smooth_streaming(
+    config_dict: Mapping[str, Any], layer_idx: int, method: Any, tensors: Any, nbytes: int, read_s: float,
+    part_refs: list[Any],
+) -> tuple[Any, ...]:
+    """``layer_tasks.smooth_task`` with the workers' partial statistics fetched one at a time.
+
+    The parts come as a list of object refs (Ray resolves only top-level arguments), are summed
+    in rank order as they arrive (the same merges, in the same order, as ``reduce_stats``: the
+    same bytes) and each is released before the next is fetched, so the task holds one part and
+    the running sum instead of every worker's statistics at once (8 x 10 GiB for a Llama-3-70B
+    layer on an 8-GPU node)."""
+    acc: dict[str, Any] | None = None
+    for ref in part_refs:
+        part = ray.get(ref)
+        acc = dict(part) if acc is None else {name: acc[name].merge(part[name]) for name in acc}
+        del part
+    if acc is None:
+        raise ValueError(f"layer {layer_idx}: no statistics to smooth with")
+    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, acc)
+
+
 # Calls a worker process serves before it exits: unlimited. Ray's default for a task that asks
 # for a GPU is 1 (a new process per call, so that a framework's GPU memory is released), which
 # made every reconstruction task pay a fresh Python, torch import and CUDA context: on an H200
@@ -92,7 +113,7 @@ def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | 
     mem = dict(memory or {})
     return {
         "load_layer": _task(layer_tasks.load_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
-        "smooth": _task(layer_tasks.smooth_task, False, RECONSTRUCT_NUM_CPUS, memory=mem.get("smooth", 0)),
+        "smooth": _task(smooth_streaming, False, RECONSTRUCT_NUM_CPUS, memory=mem.get("smooth", 0)),
         "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus,
                              memory=mem.get("reconstruct", 0)),
         "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),

@@ -71,7 +71,10 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     k = cost.by_kind()
     stats64 = 8 * (3 * (256**2 + 2 * 256) + 704**2 + 2 * 704)
     assert k["calibration"].terms["stats_fp64"] == stats64
-    assert k["smooth"].terms["stats_parts"] == 2 * stats64  # one part per worker
+    # The smoothing holds one worker's part at a time and the running sum, whatever the count.
+    assert k["smooth"].terms["stats_part"] == stats64 and k["smooth"].terms["stats_sum"] == 2 * stats64
+    eight = memory.estimate(shape, 16, 128, 8, 0.0, 0.0, 32, 8).by_kind()
+    assert eight["smooth"].peak_host_bytes == k["smooth"].peak_host_bytes
     assert k["reconstruct"].terms["gram"] == 8 * 704**2  # down_proj: K = 704
     assert k["reconstruct"].terms["nk_float64"] == memory.RECONSTRUCT_NK_BUFFERS * 8 * 256 * 704
     # Each worker holds its shard: 8 of 16 samples, inputs and outputs, in the compute dtype:
@@ -82,7 +85,7 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     # Each layer once, whatever the worker count; the embedding by each worker and the copy.
     assert cost.bytes_read == 3 * shape.layer_bytes + 2 * shape.embedding_bytes + shape.embed_bytes
     one = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
-    assert one["smooth"].terms["stats_reduced"] == 0 and k["smooth"].terms["stats_reduced"] == stats64
+    assert one["smooth"].terms["stats_sum"] == 0
 
 
 def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
