@@ -25,7 +25,7 @@ BASE_PROCESS_BYTES = 500 * 2**20
 CUDA_CONTEXT_HOST_BYTES = 1 * 2**30
 CUDA_CONTEXT_GPU_BYTES = 600 * 2**20
 # Float64 (N, K) buffers alive at once in reconstruct_linear: W64, E, E with the side columns
-# zeroed, E S (whitened SVD input) or the residual R, and D G inside the error metrics.
+# zeroed (until the low-rank fit), E S (the SVD's input, then R S in place), R, and W S.
 RECONSTRUCT_NK_BUFFERS = 5
 FORWARD_BATCH = 8  # workers.calibration.FORWARD_BATCH_SIZE (not imported: plan must stay light)
 # The driver's tokenizer (a fast BPE tokenizer: +50 MB for SmolLM2's 49,152 entries, measured)
@@ -226,7 +226,8 @@ def estimate(
         "calibration_forward": float(L * tokens * (2 * shape.layer_params + 2 * T * H)),
         "statistics": float(L * tokens * 2 * shape.gram_elements),
         "cholesky": float(L * sum(lin.in_features ** 3 / 3 for lin in shape.linears)),
-        # E S (2 N K²) and the three error metrics tr(D G Dᵀ) (2 N K² each)
-        "reconstruct_products": float(L * sum(8 * lin.out_features * lin.in_features ** 2 for lin in shape.linears)),
+        # E S for the whitened SVD and W S for the reference error (2 N K² each); the other
+        # errors come from E S (reconstruct_linear)
+        "reconstruct_products": float(L * sum(4 * lin.out_features * lin.in_features ** 2 for lin in shape.linears)),
     }
     return RunCost([driver, calib, smooth, rec, writer, finalize], bytes_read, bytes_written, store, flops)

@@ -326,6 +326,7 @@ def reconstruct_linear(
     f = 0 if not side else int(outliers.numel())  # type: ignore[union-attr]
     rank = max(cfg.rank - f, 0) if (side and cfg.reserve_rank) else cfg.rank
     lr = _lowrank(E_main, stats, rank, cfg)
+    del E_main  # (N, K): the low-rank fit was its only use
     t2 = time.perf_counter()
     L_A: torch.Tensor | None = None
     L_B: torch.Tensor | None = None
@@ -348,19 +349,20 @@ def reconstruct_linear(
         # Through the whitening factor: ‖D X‖² = ‖D S‖² − shift‖D‖². E S is the SVD's input
         # (plus the side columns' rows of S); R S = E S − L_A (L_B S) costs (r + f) K² + N K (r + f);
         # only W S is a new N K² product: one instead of three (a 70B down_proj: 13.5 TFLOP each).
+        # In place in E S (the low-rank fit is done with it): no new (N, K) buffer until W S.
         S, shift = lr.factor, lr.shift
         ES = lr.projected
+        lr.projected = None
         if side:
             assert outliers is not None
-            ES = ES + E[:, outliers] @ S[outliers, :]
+            ES.add_(E[:, outliers] @ S[outliers, :])
         before = whitened_error_sq(ES, E, shift)
         if L_A is None:
             after = before
         else:
             assert L_B is not None
-            RS = ES - L_A.to(torch.float64) @ (L_B.to(torch.float64) @ S)
+            RS = ES.sub_(L_A.to(torch.float64) @ (L_B.to(torch.float64) @ S))
             after = whitened_error_sq(RS, R, shift)
-            del RS
         del ES
         ref = whitened_error_sq(W64 @ S, W64, shift)
     else:
