@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from kernel_tolerances import rel_err, tol  # noqa: E402  (the tests' one table of tolerances)
+from test_gemm import _case as gemm_case  # noqa: E402  (the tests' operands)
 
 from aser.kernels.act_quant import quantize_activation_int8_reference, quantize_activation_int8_triton  # noqa: E402
 from aser.kernels.gemm import (  # noqa: E402
@@ -30,7 +31,6 @@ from aser.kernels.gemm import (  # noqa: E402
     w4a16_gemm_reference,
     w4a16_gemm_triton,
 )
-from aser.kernels.quant import pack_int4, quantize_weight  # noqa: E402
 
 # (M, N, K, r)
 SHAPES = [(1, 24, 40, 0), (7, 70, 100, 5), (13, 33, 4095, 3), (13, 130, 257, 20), (7, 17, 9, 1),
@@ -40,18 +40,9 @@ _TOL = {torch.float32: ("gemm_fp32", "float64_fp32"), torch.bfloat16: ("gemm_bf1
 
 
 def _case(M: int, N: int, K: int, r: int, dtype: torch.dtype, device: str, bias: bool):
-    g = torch.Generator().manual_seed(M * 7 + N * 3 + K + r)
-    W = torch.randn(N, K, generator=g)
-    q, s = quantize_weight(W, 4)
-    x = (torch.randn(M, K, generator=g) * 2).to(dtype)
-    L_A = (torch.randn(N, r, generator=g) * 0.1).to(dtype) if r else None
-    L_B = (torch.randn(r, K, generator=g) * 0.1).to(dtype) if r else None
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-
-    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
-    return q.to(device), pack_int4(q).to(device), s.to(dtype).to(device), dev(x), dev(L_A), dev(L_B), dev(b)
+    """The kernel tests' own operands (``tests/kernels/test_gemm._case``), on ``device``."""
+    q, packed, s, x, L_A, L_B, b = gemm_case(M, N, K, r, dtype, seed=M * 7 + N * 3 + K + r, bias=bias)
+    return tuple(None if t is None else t.to(device) for t in (q, packed, s, x, L_A, L_B, b))
 
 
 def _float64(codes, a_scale, q, s, x, L_A, L_B, b) -> torch.Tensor:
