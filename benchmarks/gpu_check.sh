@@ -24,7 +24,7 @@ OUTDIR=$(mkdir -p "${1:-${OUT:-gpu_check_out}}" && cd "${1:-${OUT:-gpu_check_out
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 DATA=${ASER_TEST_DATA:-}
-for d in "$DATA" "$ROOT/.devdata" "$ROOT/../shared/data" /work/shared/data; do
+for d in "$DATA" "$ROOT/.devdata" "$ROOT/../shared/data"; do
   if [[ -n "$d" && -d "$d/stories260K" ]]; then DATA=$d; break; fi
 done
 WORK=$(mktemp -d /tmp/aser-gpu-check.XXXXXX)

@@ -1,7 +1,7 @@
 """A Llama-3-70B-sized decoder layer through `aser quantize`: memory and time per stage.
 
-    python benchmarks/scale_layer.py --out /tmp/scale70b              # 2 layers of Llama-3-70B's shape
-    python benchmarks/scale_layer.py --out /tmp/s --hidden 1024 --intermediate 3584   # a quick one
+    python benchmarks/scale_layer.py --out scale-70b              # 2 layers of Llama-3-70B's shape
+    python benchmarks/scale_layer.py --out scale-quick --hidden 1024 --intermediate 3584   # a quick one
 
 Writes a synthetic checkpoint with Llama-3-70B's layer dimensions (hidden 8192, FFN 28672,
 64 query / 8 KV heads, bf16 on disk; a 512-token vocabulary and stories260K's tokenizer so it

@@ -39,7 +39,13 @@ README = CLUSTER / "README.md"
 IMAGE_ROOT = "/app/"  # cluster/Dockerfile copies the repository's files here
 
 KUBERAY_SCHEMAS = "kuberay-v1.7.0"
-SCHEMA_DIRS = (Path(__file__).resolve().parents[3] / "shared" / "schemas", Path("/work/shared/schemas"))
+# shared/ beside the checkout, or beside the data folder named by ASER_TEST_DATA (tests/conftest.py,
+# .ci/run): the schemas and the test data are siblings in shared/.
+SCHEMA_DIRS = tuple(
+    d for d in (Path(__file__).resolve().parents[3] / "shared" / "schemas",
+                Path(os.environ["ASER_TEST_DATA"]).parent / "schemas" if os.environ.get("ASER_TEST_DATA") else None)
+    if d is not None
+)
 K8S_VERSION = "1.30.0"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
