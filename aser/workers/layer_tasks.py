@@ -16,7 +16,7 @@ so a retried task is harmless.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from aser.workers.arch import groups_for
 from aser.workers.calibration import hf_config, process_info, read_layer
 from aser.workers.device import worker_device
 from aser.workers.reconstruct import LinearResult, MethodConfig, reconstruct_linear, smooth_layer
-from aser.workers.stats import GroupStats, reduce_stats
+from aser.workers.stats import GroupStats, reduce_parts
 
 # Intra-op threads of a reconstruction task: fixed, so the SVD's bytes do not depend on which
 # machine (how many cores) ran it.
@@ -100,16 +100,20 @@ def smooth_task(
     tensors: Mapping[str, torch.Tensor],
     nbytes: int,
     read_s: float,
-    *stats_parts: Mapping[str, GroupStats],
+    stats_parts: Iterable[Mapping[str, GroupStats]],
 ) -> tuple[Any, ...]:
-    """Reduce ``stats_parts`` (one per worker, in rank order) and smooth layer ``layer_idx``
+    """Reduce ``stats_parts`` (one per worker, in rank order; consumed lazily, so a generator
+    that fetches each part when asked keeps one at a time) and smooth layer ``layer_idx``
     (``tensors, nbytes, read_s``: ``load_layer_task``'s outputs). Returns (LayerMeta, GroupPayload per group,
     W (N, K) per linear) in ``groups_for`` order."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     config = hf_config(config_dict)
     groups = groups_for(config)
-    stats = {g.name: reduce_stats([p[g.name] for p in stats_parts]) for g in groups}
+    stats = reduce_parts(stats_parts)
+    if set(stats) != {g.name for g in groups}:
+        raise ValueError(f"layer {layer_idx}: statistics for groups {sorted(stats)}, expected "
+                         f"{sorted(g.name for g in groups)}")
     t1 = time.perf_counter()
     t2 = time.perf_counter()
     sm = smooth_layer(dict(tensors), stats, method, config)

@@ -68,19 +68,13 @@ def smooth_streaming(
 ) -> tuple[Any, ...]:
     """``layer_tasks.smooth_task`` with the workers' partial statistics fetched one at a time.
 
-    The parts come as a list of object refs (Ray resolves only top-level arguments), are summed
-    in rank order as they arrive (the same merges, in the same order, as ``reduce_stats``: the
-    same bytes) and each is released before the next is fetched, so the task holds one part and
-    the running sum instead of every worker's statistics at once (8 x 10 GiB for a Llama-3-70B
+    The parts come as a list of object refs (Ray resolves only top-level arguments) and are
+    fetched as ``stats.reduce_parts`` asks for them, in rank order: each is released before the
+    next is fetched, so the task holds one part and the running sums instead of every worker's
+    statistics at once (8 x 10 GiB for a Llama-3-70B
     layer on an 8-GPU node)."""
-    acc: dict[str, Any] | None = None
-    for ref in part_refs:
-        part = ray.get(ref)
-        acc = dict(part) if acc is None else {name: acc[name].merge(part[name]) for name in acc}
-        del part
-    if acc is None:
-        raise ValueError(f"layer {layer_idx}: no statistics to smooth with")
-    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, acc)
+    parts = (ray.get(ref) for ref in part_refs)
+    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, parts)
 
 
 # Calls a worker process serves before it exits: unlimited. Ray's default for a task that asks

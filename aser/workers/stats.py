@@ -8,7 +8,8 @@ bounded by one batch's sum, not by the whole calibration set.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +65,21 @@ class GroupStats:
 def reduce_stats(parts: Iterable[GroupStats]) -> GroupStats:
     """Sum statistics from several workers/shards (order-independent up to fp64 rounding)."""
     it = iter(parts)
-    try:
-        acc = next(it)
-    except StopIteration:
-        raise ValueError("reduce_stats: no statistics to reduce") from None
-    for p in it:
-        acc = acc.merge(p)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("reduce_stats: no statistics to reduce")
+    return reduce_parts(itertools.chain([{"": first}], ({"": p} for p in it)))[""]
+
+
+def reduce_parts(parts: Iterable[Mapping[str, GroupStats]]) -> dict[str, GroupStats]:
+    """Sum per-group statistics of several workers ({group: GroupStats} each), in the given
+    order, consuming ``parts`` lazily: a generator that fetches one part at a time keeps only that
+    part and the running sums alive."""
+    acc: dict[str, GroupStats] | None = None
+    for part in parts:
+        acc = dict(part) if acc is None else {name: acc[name].merge(part[name]) for name in acc}
+    if acc is None:
+        raise ValueError("reduce_parts: no statistics to reduce")
     return acc
 
 

@@ -146,3 +146,32 @@ def test_accumulation_allocates_no_gram_per_batch_and_take_does_not_copy():
         ref += (x2.T @ x2).to(torch.float64)
     assert torch.equal(total.gram, ref)  # the same values as the per-batch fp64 form
     assert total.num_tokens == 4 * 21
+
+
+def test_reduce_parts_consumes_one_part_at_a_time():
+    """The smoothing task sums the workers' statistics as ``reduce_parts`` pulls them from a
+    generator that fetches each from the object store: when part k is fetched, part k - 2 must
+    already be gone (part k - 1 is the one being merged), so the task never holds all parts."""
+    import gc
+    import weakref
+
+    from aser.workers.stats import reduce_parts
+
+    K, parts, alive = 6, [], []
+
+    def fetch():
+        for k in range(5):
+            gc.collect()
+            if k >= 2:
+                alive.append(alive_refs[k - 2]() is not None)
+            acc = StatsAccumulator(K)
+            acc.add(torch.randn(4, K, generator=torch.Generator().manual_seed(k)))
+            part = {"g": acc.take()}
+            alive_refs.append(weakref.ref(part["g"]))
+            parts.append(part["g"].gram.clone())
+            yield part
+
+    alive_refs: list = []
+    total = reduce_parts(fetch())
+    assert alive == [False, False, False]
+    assert torch.equal(total["g"].gram, (((parts[0] + parts[1]) + parts[2]) + parts[3]) + parts[4])
