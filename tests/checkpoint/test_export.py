@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_llama import TINY
 
 from aser.kernels.quant import dequantize_weight, fake_quantize_activation, quantize_weight
 from aser.checkpoint import export
@@ -41,16 +42,7 @@ def _rank(layer: int, name: str) -> int:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**{**TINY, "max_position_embeddings": 64, "tie_word_embeddings": False})
     model = AutoModelForCausalLM.from_config(config).eval()
     src = tmp_path_factory.mktemp("src")
     model.save_pretrained(src)

@@ -9,19 +9,10 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from tiny_llama import TINY
 
 from aser.checkpoint import layers
 from aser.workers.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
-
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 
 
 def _configs():
