@@ -31,7 +31,7 @@ from rss_sampler import sample_rss_anon  # noqa: E402  (the depth-leak test's sa
 
 from aser.pipeline import driver  # noqa: E402
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
-from aser.checkpoint.layers import layer_prefix
+from aser.checkpoint.layers import layer_prefix, meta_layer
 from aser.workers.calibration import expected_layer_tensors, hf_config
 from aser.workers.reconstruct import MethodConfig
 
@@ -63,10 +63,7 @@ def write_checkpoint(out: Path, tokenizer_dir: Path, layers: int, hidden: int, i
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
     hf = hf_config(config.to_dict())
-    with torch.device("meta"):
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        shapes = {n: t.shape for n, t in LlamaDecoderLayer(hf, 0).state_dict().items()}
+    shapes = {n: t.shape for n, t in meta_layer(hf).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     stages: list[dict[str, torch.Size]] = [{"model.embed_tokens.weight": torch.Size((VOCAB, hidden))}]
     for i in range(layers):

@@ -74,6 +74,14 @@ def layer_prefix(layer_idx: int) -> str:
     return f"model.layers.{layer_idx}."
 
 
+def meta_layer(config: PretrainedConfig, layer_idx: int = 0) -> nn.Module:
+    """Decoder layer ``layer_idx`` of this architecture on the meta device: its tensor names and
+    shapes at no cost (transformers' own class decides them)."""
+    layer_cls, _ = _classes(config)
+    with torch.device("meta"):
+        return layer_cls(config, layer_idx)
+
+
 def build_layer(
     config: PretrainedConfig, layer_idx: int, tensors: Mapping[str, torch.Tensor]
 ) -> nn.Module:

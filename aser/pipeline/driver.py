@@ -33,7 +33,6 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from aser.checkpoint import export, storage
 from aser.checkpoint import state as run_state
-
 from aser.pipeline import manifest
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig
@@ -237,6 +236,7 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
     n_groups = n_out - 1 - len(group_of)
     linear_names = list(plan.linear_names)
     pending: list[_Pending] = []
+    use_gpu = ctx.resources.reconstruct_gpus > 0
     for i in range(start, L):
         # The layer is read from storage once; its object goes to every worker and the smoothing.
         tensors, nbytes, read_s = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
@@ -246,7 +246,6 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
             plan.config_dict, i, cfg.method, tensors, nbytes, read_s, [c[0] for c in collected]
         )
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
-        use_gpu = ctx.resources.reconstruct_gpus > 0
         results = [
             fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu)
             for w, g in zip(weights, group_of, strict=True)
@@ -363,7 +362,7 @@ def run(
     t_ray = time.perf_counter()
     owned = _init_ray(config)
     ray_init_s = time.perf_counter() - t_ray
-    try:
+    try:  # until the layers start: a Ray this call started is shut down on any error
         resources = resolve_resources(config.workers, ray.cluster_resources())
         # The resolved worker count and devices decide the bytes (calibration sharding, GPU or
         # CPU numerics): they are what the manifest records and what a resume must match.
@@ -372,18 +371,16 @@ def run(
             manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
         cost = plan_cost(plan, config, resources)
         memory = fit_memory(cost, ray.nodes())
-    except (PipelineError, ResourceError, manifest.ManifestError):
+        mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
+        mf.summary["calibration"] = calib_desc
+        try:
+            manifest.save_manifest(config.dest, mf)
+        except OSError as e:
+            raise PipelineError(f"DEST {storage.redact(config.dest)} is not writable: {e}") from e
+    except BaseException:
         if owned:
             ray.shutdown()
         raise
-    mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
-    mf.summary["calibration"] = calib_desc
-    try:
-        manifest.save_manifest(config.dest, mf)
-    except OSError as e:
-        if owned:
-            ray.shutdown()
-        raise PipelineError(f"DEST {storage.redact(config.dest)} is not writable: {e}") from e
 
     from tqdm import tqdm
 

@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from aser.checkpoint.layers import meta_layer
+from aser.workers.arch import groups_for
+from aser.workers.calibration import FORWARD_BATCH_SIZE, hf_config
+
 # Peak RSS of a process that has imported what the pipeline imports, before any model data:
 # 475-512 MiB measured for every process kind (stories260K, whose tensors are 1 MB).
 BASE_PROCESS_BYTES = 500 * 2**20
@@ -27,7 +31,6 @@ CUDA_CONTEXT_GPU_BYTES = 600 * 2**20
 # Float64 (N, K) buffers alive at once in reconstruct_linear: W64, E, E with the side columns
 # zeroed (until the low-rank fit), E S (the SVD's input, then R S in place), R, and W S.
 RECONSTRUCT_NK_BUFFERS = 5
-FORWARD_BATCH = 8  # workers.calibration.FORWARD_BATCH_SIZE (not imported: plan must stay light)
 # The driver's tokenizer (a fast BPE tokenizer: +50 MB for SmolLM2's 49,152 entries, measured)
 # and the transient cost of tokenizing the calibration text (+91 MB for WikiText-2's 1.3 MB test
 # split, measured: Python and Rust objects per token).
@@ -60,15 +63,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, config_dict: dict[str, Any], dtype_bytes: int | None = None) -> ModelShape:
         """From config.json alone (shapes from transformers' own layer class, built on meta)."""
-        from aser.workers.arch import groups_for
-        from aser.workers.calibration import hf_config
-
         hf = hf_config(config_dict)
-        from aser.checkpoint import layers as layer_io
-
-        layer_cls, _ = layer_io._classes(hf)
-        with torch.device("meta"):
-            layer = layer_cls(hf, 0)
+        layer = meta_layer(hf)
         if dtype_bytes is None:
             name = str(config_dict.get("torch_dtype") or config_dict.get("dtype") or "float32")
             dtype_bytes = torch.empty((), dtype=getattr(torch, name.removeprefix("torch."))).element_size()
@@ -150,7 +146,7 @@ def estimate(
     act = shape.dtype_bytes if on_gpu else 4
     layer_compute = shape.layer_params * act  # the built layer, in the compute dtype
     shard = math.ceil(num_samples / num_workers)
-    batch = min(FORWARD_BATCH, shard)
+    batch = min(FORWARD_BATCH_SIZE, shard)
     stats64 = 8 * sum(k * k + 2 * k for _, k in shape.groups)
     stats32 = 4 * shape.gram_elements
     k_max = max(k for _, k in shape.groups)

@@ -51,10 +51,7 @@ def hf_config(config_dict: Mapping[str, Any]) -> PretrainedConfig:
 
 def expected_layer_tensors(config: PretrainedConfig, layer_idx: int) -> list[str]:
     """Relative names of the tensors decoder layer ``layer_idx`` holds (built on meta: free)."""
-    layer_cls, _ = layer_io._classes(config)
-    with torch.device("meta"):
-        layer = layer_cls(config, layer_idx)
-    return sorted(layer.state_dict())
+    return sorted(layer_io.meta_layer(config, layer_idx).state_dict())
 
 
 def compute_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
