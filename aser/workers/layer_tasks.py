@@ -83,10 +83,11 @@ LOAD_LAYER_OUTPUTS = 3
 
 def load_layer_task(source_url: str, config_dict: Mapping[str, Any], layer_idx: int) -> tuple[Any, ...]:
     """Read decoder layer ``layer_idx`` from storage once for the whole run: returns (tensors
-    by relative name, bytes read, seconds) as three objects (``LOAD_LAYER_OUTPUTS``). The driver hands the tensors' object to every
-    calibration worker and to the smoothing task; Ray keeps one copy per node in its object
-    store (shared memory, read in place) and moves it between nodes once per node, so a layer
-    costs one storage read however many workers there are."""
+    by relative name, bytes read, seconds) as three objects (``LOAD_LAYER_OUTPUTS``). The
+    driver hands the tensors' object to every calibration worker and to the smoothing task; Ray
+    keeps one copy per node in its object store (shared memory, read in place) and moves it
+    between nodes once per node, so a layer costs one storage read however many workers there
+    are."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     tensors, nbytes = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
@@ -104,8 +105,8 @@ def smooth_task(
 ) -> tuple[Any, ...]:
     """Reduce ``stats_parts`` (one per worker, in rank order; consumed lazily, so a generator
     that fetches each part when asked keeps one at a time) and smooth layer ``layer_idx``
-    (``tensors, nbytes, read_s``: ``load_layer_task``'s outputs). Returns (LayerMeta, GroupPayload per group,
-    W (N, K) per linear) in ``groups_for`` order."""
+    (``tensors, nbytes, read_s``: ``load_layer_task``'s outputs). Returns (LayerMeta,
+    GroupPayload per group, W (N, K) per linear) in ``groups_for`` order."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     config = hf_config(config_dict)

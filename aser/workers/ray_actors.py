@@ -71,8 +71,7 @@ def smooth_streaming(
     The parts come as a list of object refs (Ray resolves only top-level arguments) and are
     fetched as ``stats.reduce_parts`` asks for them, in rank order: each is released before the
     next is fetched, so the task holds one part and the running sums instead of every worker's
-    statistics at once (8 x 10 GiB for a Llama-3-70B
-    layer on an 8-GPU node)."""
+    statistics at once (8 x 10 GiB for a Llama-3-70B layer on an 8-GPU node)."""
     parts = (ray.get(ref) for ref in part_refs)
     return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, parts)
 
