@@ -144,3 +144,13 @@ def test_make_report_uses_the_profile_and_node_count(tmp_path: Path) -> None:
     two = make_report(shape, PROFILES["h200"], 2, None, None, None, 16, 128, 32, 8)
     assert two["resources"]["num_workers"] == 16 and one["resources"]["num_workers"] == 8
     assert two["seconds_estimate"]["reconstruct"] < one["seconds_estimate"]["reconstruct"]
+
+
+def test_a_gpu_worker_still_holds_its_statistics_on_the_host(tmp_path: Path) -> None:
+    """collect moves the statistics to the CPU and Ray serializes them there: two fp64 copies on
+    the host of a GPU worker, besides the CUDA context's host memory."""
+    shape = read_shape(str(_config_dir(tmp_path)))
+    calib = memory.estimate(shape, 16, 128, 1, 0.5, 0.25, 32, 8).by_kind()["calibration"]
+    stats64 = calib.terms["stats_fp64"]
+    assert calib.terms["stats_on_host"] == stats64 == calib.terms["stats_serialized"]
+    assert calib.peak_host_bytes >= memory.BASE_PROCESS_BYTES + memory.CUDA_CONTEXT_HOST_BYTES + 2 * stats64
