@@ -89,11 +89,24 @@ def has_worker_state(dest: str, worker_rank: int, next_layer: int) -> bool:
     return storage.exists(_state_url(dest, worker_rank, next_layer))
 
 
+def latest_common_state(dest: str, worker_ranks: range, at_most: int) -> int:
+    """The newest boundary <= ``at_most`` at which every worker in ``worker_ranks`` saved its
+    state, or 0 (none: start from the embedding)."""
+    common: set[int] | None = None
+    for r in worker_ranks:
+        layers = {k for k in _state_layers(dest, r) if k <= at_most}
+        common = layers if common is None else common & layers
+    return max(common or {0})
+
+
 def prune_worker_states(dest: str, worker_rank: int, before_layer: int) -> None:
-    """Delete the worker's states of boundaries before ``before_layer`` (no longer needed:
-    every layer before it is recorded done)."""
-    for k in _state_layers(dest, worker_rank):
-        if k < before_layer:
+    """Delete the worker's states that a resume at ``before_layer`` (the first layer not yet
+    recorded done) no longer needs: every one older than the newest one at or before it (the
+    boundaries are not all saved: ``pipeline.save_policy``)."""
+    present = _state_layers(dest, worker_rank)
+    keep = max((k for k in present if k <= before_layer), default=None)
+    for k in present:
+        if keep is not None and k < keep:
             storage.remove(_state_url(dest, worker_rank, k))
 
 

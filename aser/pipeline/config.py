@@ -98,7 +98,9 @@ class WorkersConfig:
     """
 
     num_workers: int | None = None
-    num_cpus_per_worker: float = 1.0
+    # CPUs (= torch threads) per worker; None: 1 with a GPU, else its node's CPUs less one for
+    # the tasks, shared among the workers on the node (``resources.default_cpus_per_worker``).
+    num_cpus_per_worker: float | None = None
     num_gpus_per_worker: float | None = None
     # GPUs (a fraction: several tasks share one) per reconstruction task.
     reconstruct_gpus: float | None = None
@@ -106,7 +108,8 @@ class WorkersConfig:
     def __post_init__(self) -> None:
         if self.num_workers is not None:
             _check_int("workers.num_workers", self.num_workers, 1)
-        _check_number("workers.num_cpus_per_worker", self.num_cpus_per_worker, 0.0)
+        if self.num_cpus_per_worker is not None:
+            _check_number("workers.num_cpus_per_worker", self.num_cpus_per_worker, 0.0)
         if self.num_gpus_per_worker is not None:
             _check_number("workers.num_gpus_per_worker", self.num_gpus_per_worker, 0.0)
         if self.reconstruct_gpus is not None:
@@ -129,6 +132,9 @@ class RunConfig:
     ray_address: str | None = None
     # Upper bound for one output shard; a layer larger than this is split across shards.
     shard_size_bytes: int = 5 * 1024**3
+    # Save the workers' states at every this many layer boundaries; None: when the forward work
+    # since the last save outweighs its cost (``pipeline.save_policy``). Never changes the bytes.
+    save_state_every: int | None = None
 
     def __post_init__(self) -> None:
         _check_url("source", self.source, required=True)
@@ -145,6 +151,8 @@ class RunConfig:
             raise ConfigError(f"propagate must be one of {PROPAGATE_MODES}, got {self.propagate!r}")
         _check_url("ray_address", self.ray_address, required=False)
         _check_int("shard_size_bytes", self.shard_size_bytes, 1)
+        if self.save_state_every is not None:
+            _check_int("save_state_every", self.save_state_every, 1)
         method_type = _method_config_type()
         if not isinstance(self.method, method_type):
             raise ConfigError(f"method must be a MethodConfig, got {type(self.method).__name__}")

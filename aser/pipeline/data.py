@@ -56,14 +56,34 @@ def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed:
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+class _TokenProgress:
+    """A ``generate`` streamer that advances a progress bar by one per generated position
+    (transformers calls ``put`` with the prompt first, then once per new token of the batch)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(int(value.shape[0]))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.prompt_seen = False
+
+
 @torch.no_grad()
 def self_generated_windows(
-    model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int, batch_size: int = 16
+    model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int, batch_size: int = 32,
+    show_progress: bool = True,
 ) -> torch.Tensor:
     """Calibration text sampled from the model itself (no corpus): (S, L) int64.
 
-    Each sample starts at BOS and is drawn with temperature 1 (plain multinomial sampling).
+    Each sample starts at BOS and is drawn with temperature 1 (plain multinomial sampling), in
+    batches of ``batch_size`` sequences, with a progress bar over the tokens drawn.
     """
+    from tqdm import tqdm
+
     print(
         f"[aser] no calibration text given: sampling {num_samples} x {seq_len} tokens from the model itself",
         file=sys.stderr,
@@ -71,14 +91,17 @@ def self_generated_windows(
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     out = []
-    for start in range(0, num_samples, batch_size):
-        b = min(batch_size, num_samples - start)
-        prompt = torch.full((b, 1), bos, dtype=torch.int64)
-        gen = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_length=seq_len,
-            min_length=seq_len, pad_token_id=tokenizer.eos_token_id,
-        )
-        out.append(gen[:, :seq_len])
+    with tqdm(total=num_samples * (seq_len - 1), desc="sampling calibration", unit="tok", unit_scale=True,
+              disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, num_samples, batch_size):
+            b = min(batch_size, num_samples - start)
+            prompt = torch.full((b, 1), bos, dtype=torch.int64)
+            gen = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                top_p=1.0, max_length=seq_len, min_length=seq_len, pad_token_id=tokenizer.eos_token_id,
+                streamer=_TokenProgress(bar),
+            )
+            out.append(gen[:, :seq_len])
     return torch.cat(out)
 
 

@@ -39,6 +39,7 @@ from aser.pipeline.config import RunConfig
 from aser.pipeline.memory import ModelShape, RunCost, estimate
 from aser.pipeline.resources import ResourceError, Resources, resolve_resources
 from aser.pipeline.plan import Plan, make_plan
+from aser.pipeline.save_policy import SavePolicy
 from aser.workers import layer_tasks
 from aser.workers.calibration import StepInfo, process_info
 from aser.workers.ray_actors import calibration_actor, remote_functions
@@ -88,8 +89,12 @@ class _Ctx:
     # manifest shows of where the shards ran and what the run survived.
     workers: list[dict[str, Any]] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    # Each start of the workers: the first layer to do, the boundary restored (0: the
+    # embedding) and the layers forwarded again from there.
+    starts: list[dict[str, Any]] = field(default_factory=list)
     # Run-level seconds outside the layers: Ray start/connect, starting (or restoring) workers.
     overhead_s: dict[str, float] = field(default_factory=dict)
+    saves: SavePolicy = field(default_factory=SavePolicy)
 
     @property
     def dest(self) -> str:
@@ -156,6 +161,7 @@ def _record_layer(ctx: _Ctx, p: _Pending) -> None:
     for info in collect_infos + advance_infos:
         _note_processes(ctx, [info.process])
     _note_processes(ctx, written.processes)
+    ctx.saves.observe(seconds)
     ctx.mf.record_layer(
         manifest.LayerRecord(
             index=p.layer,
@@ -174,9 +180,18 @@ def _record_layer(ctx: _Ctx, p: _Pending) -> None:
     _maybe_kill(ctx, f"layer:{p.layer}")
 
 
+def _note_start(ctx: _Ctx, start: dict[str, Any]) -> None:
+    """Recorded at once (a later crash keeps it), and kept across resumed invocations."""
+    ctx.starts.append(start)
+    ctx.mf.summary["starts"] = ctx.starts
+    _save(ctx)
+
+
 def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]:
-    """New calibration actors holding the inputs of layer ``start`` (or of an earlier layer
-    when the states of that boundary are gone). Returns (actors, the layer they are at)."""
+    """New calibration actors holding the inputs of layer ``start``: restored from the newest
+    boundary every worker saved, then forwarded to ``start`` (with ``propagate = "quantized"``
+    the layers from that boundary are redone instead, as their inputs come from quantized layers).
+    Returns (actors, the layer they are at)."""
     cfg = ctx.config
     res = ctx.resources
     Actor = calibration_actor(res.cpus_per_worker, res.gpus_per_worker, ctx.memory.get("calibration", 0))
@@ -188,16 +203,23 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
                                    num_threads, kill, res.gpus_per_worker > 0))
     places = ray.get([a.placement.remote() for a in actors])
     ctx.workers += [{"rank": rank, "attempt": attempt, **p} for rank, p in enumerate(places)]
-    if start > 0 and all(run_state.has_worker_state(ctx.dest, r, start) for r in range(res.num_workers)):
-        if all(ray.get([a.restore.remote(start) for a in actors])):
-            return actors, start
-    shards = torch.tensor_split(ctx.tokens, res.num_workers)
-    infos = ray.get([a.embed.remote(s) for a, s in zip(actors, shards, strict=True)])
-    _note_processes(ctx, [i.process for i in infos])
+    ranks = range(res.num_workers)
+    # The newest boundary every worker saved (not every one is: save_policy).
+    saved = run_state.latest_common_state(ctx.dest, ranks, start) if start > 0 else 0
+    if saved > 0 and all(ray.get([a.restore.remote(saved) for a in actors])):
+        at = saved
+    else:
+        shards = torch.tensor_split(ctx.tokens, res.num_workers)
+        infos = ray.get([a.embed.remote(s) for a, s in zip(actors, shards, strict=True)])
+        _note_processes(ctx, [i.process for i in infos])
+        at = 0
     if cfg.propagate == "quantized":
-        return actors, 0  # the inputs of layer k depend on the quantized layers before it: redo them
-    for i in range(start):
+        # Layer k's inputs come from the quantized layers before it: those layers are redone.
+        _note_start(ctx, {"attempt": attempt, "start": start, "restored": at, "forwarded_again": 0})
+        return actors, at
+    for i in range(at, start):
         ray.get([a.forward_fp.remote(i) for a in actors])
+    _note_start(ctx, {"attempt": attempt, "start": start, "restored": at, "forwarded_again": start - at})
     return actors, start
 
 
@@ -252,7 +274,8 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
         ]
         writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results)
         if cfg.propagate == "fp":
-            advanced = [a.advance.remote(i) for a in actors]
+            save = ctx.saves.due(i + 1)
+            advanced = [a.advance.remote(i, save) for a in actors]
         else:
             advanced = [a.propagate_quantized.remote(i, meta, linear_names, *results) for a in actors]
         del outs, meta, payloads, weights, results, tensors, nbytes, read_s
@@ -309,9 +332,16 @@ def _init_ray(config: RunConfig) -> bool:
         # "local", not None: None would silently join whatever cluster another process on this
         # machine last started (Ray's /tmp/ray/ray_current_cluster), with its resources.
         wc = config.workers
-        # Actors hold their CPUs for the whole run; the tasks need at least one more.
-        need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + 1
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), **kw)
+        cores = os.cpu_count() or 1
+        if wc.num_cpus_per_worker is None:
+            # One slot more than the cores: by default the workers take all but one of them
+            # (resources.default_cpus_per_worker), and the tasks get the remaining one plus this
+            # slot: tasks mostly run while the workers wait on them, or on a few threads.
+            ray.init(address="local", num_cpus=cores + 1, **kw)
+        else:
+            # Actors hold their CPUs for the whole run; the tasks need at least one more.
+            need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + 1
+            ray.init(address="local", num_cpus=max(cores, need), **kw)
     return True
 
 
@@ -363,7 +393,8 @@ def run(
     owned = _init_ray(config)
     ray_init_s = time.perf_counter() - t_ray
     try:  # until the layers start: a Ray this call started is shut down on any error
-        resources = resolve_resources(config.workers, ray.cluster_resources())
+        node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+        resources = resolve_resources(config.workers, ray.cluster_resources(), node_cpus)
         # The resolved worker count and devices decide the bytes (calibration sharding, GPU or
         # CPU numerics): they are what the manifest records and what a resume must match.
         config = dataclasses.replace(config, workers=resources.workers_config())
@@ -392,6 +423,8 @@ def run(
     mf.summary["plan"] = {p.kind: {"count": p.count, "peak_host_bytes": p.peak_host_bytes,
                                    "peak_gpu_bytes": p.peak_gpu_bytes} for p in cost.processes}
     ctx.overhead_s["ray_init"] = ray_init_s
+    ctx.starts = list(mf.summary.get("starts", []))
+    ctx.saves = SavePolicy(every=1 if config.propagate == "quantized" else config.save_state_every)
     try:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -457,6 +490,7 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         "processes": procs,
         "workers": ctx.workers,
         "recoveries": ctx.recoveries,
+        "starts": ctx.starts,
     }
 
 

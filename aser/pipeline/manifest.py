@@ -31,8 +31,9 @@ from aser.checkpoint.state import FileRecord, StateError
 MANIFEST_NAME = "aser_manifest.json"
 MANIFEST_VERSION = 1
 # Fields that may change between an interrupted run and its resume without changing the bytes
-# written: where the Ray cluster is. (Worker count does change them: calibration is sharded.)
-RESUME_IGNORED_FIELDS: frozenset[str] = frozenset({"ray_address"})
+# written: where the Ray cluster is, how often states are saved. (Worker count does change them:
+# calibration is sharded.)
+RESUME_IGNORED_FIELDS: frozenset[str] = frozenset({"ray_address", "save_state_every"})
 
 LAYER_DONE = "done"
 

@@ -21,6 +21,7 @@ import torch
 from aser.checkpoint.layers import meta_layer
 from aser.workers.arch import groups_for
 from aser.workers.calibration import FORWARD_BATCH_SIZE, hf_config
+from aser.workers.stats import GRAM_BLOCK, gram_multiply_adds
 
 # Peak RSS of a process that has imported what the pipeline imports, before any model data:
 # 475-512 MiB measured for every process kind (stories260K, whose tensors are 1 MB).
@@ -148,7 +149,7 @@ def estimate(
     shard = math.ceil(num_samples / num_workers)
     batch = min(FORWARD_BATCH_SIZE, shard)
     stats64 = 8 * sum(k * k + 2 * k for _, k in shape.groups)
-    stats32 = 4 * shape.gram_elements
+    stats32 = 4 * sum(min(GRAM_BLOCK, k) * k for _, k in shape.groups)  # the fp32 batch blocks
     k_max = max(k for _, k in shape.groups)
     # One batch's activations: the MLP's gate/up/product (B, T, I) in the compute dtype, the
     # attention scores (B, heads, T, T) in fp32, and a statistics hook's fp32 copy of its input.
@@ -220,7 +221,7 @@ def estimate(
     store = shape.layer_bytes + parts + stats64 + shape.layer_bytes + codes + adapter_layer
     flops = {
         "calibration_forward": float(L * tokens * (2 * shape.layer_params + 2 * T * H)),
-        "statistics": float(L * tokens * 2 * shape.gram_elements),
+        "statistics": float(L * tokens * 2 * sum(gram_multiply_adds(k) for _, k in shape.groups)),
         "cholesky": float(L * sum(lin.in_features ** 3 / 3 for lin in shape.linears)),
         # E S for the whitened SVD and W S for the reference error (2 N K² each); the other
         # errors come from E S (reconstruct_linear)

@@ -104,7 +104,8 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
                 rank: int, num_outliers: int) -> dict[str, Any]:
     cluster = {"GPU": float(profile.gpus_per_node * nodes), "CPU": float(profile.cpus_per_node * nodes)}
     res = resolve_resources(WorkersConfig(num_workers=workers, num_gpus_per_worker=gpus_per_worker,
-                                          reconstruct_gpus=reconstruct_gpus), cluster)
+                                          reconstruct_gpus=reconstruct_gpus), cluster,
+                            [float(profile.cpus_per_node)] * nodes)
     cost = estimate(shape, num_samples, seq_len, res.num_workers, res.gpus_per_worker, res.reconstruct_gpus,
                     rank, num_outliers)
     return {

@@ -39,6 +39,7 @@ _RUN_FLAGS = {
     "propagate": ("propagate",),
     "address": ("ray_address",),
     "shard_size": ("shard_size_bytes",),
+    "save_state_every": ("save_state_every",),
 }
 
 
@@ -69,6 +70,9 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--propagate", choices=PROPAGATE_MODES)
     q.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     q.add_argument("--shard-size", type=int, help="max bytes per output shard")
+    q.add_argument("--save-state-every", type=int,
+                   help="save the workers' states every N layers (resume points); default: when the "
+                        "forward work since the last save outweighs its cost")
     q.add_argument("--no-progress", action="store_true", default=False)
     q.add_argument("--json", action="store_true", default=False, help="print the run summary as JSON on stdout")
     q.set_defaults(func=cmd_quantize)

@@ -5,6 +5,7 @@ The driver resolves against ``ray.cluster_resources()``; ``aser plan`` against a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,21 @@ from aser.pipeline.config import WorkersConfig
 # GPTQ of one linear each), so both kinds of work use every GPU and neither can starve the other.
 CALIB_GPU_FRACTION = 0.5
 RECONSTRUCT_GPU_FRACTION = 0.25
+
+
+# CPUs of a node left to the tasks (smoothing, reconstruction, writing) when the calibration
+# workers' CPUs default to the rest of it.
+TASK_CPUS_RESERVED = 1
+
+
+def default_cpus_per_worker(num_workers: int, gpus_per_worker: float, node_cpus: Sequence[float]) -> float:
+    """A GPU worker: 1 CPU (its forward runs on the GPU). A CPU worker: its node's CPUs shared
+    among the workers spread onto that node, less ``TASK_CPUS_RESERVED``, so that a worker
+    running alone uses the machine (its forward is the run's critical path); at least 1."""
+    if gpus_per_worker > 0 or not node_cpus:
+        return 1.0
+    per_node = -(-num_workers // len(node_cpus))
+    return float(max(1, int((min(node_cpus) - TASK_CPUS_RESERVED) // per_node)))
 
 
 class ResourceError(ValueError):
@@ -39,9 +55,9 @@ class Resources:
                              num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus)
 
 
-def resolve_resources(wc: WorkersConfig, cluster: dict[str, float]) -> Resources:
-    """Fill the config's ``None`` (auto) fields from ``ray.cluster_resources()``, and refuse what
-    the cluster can never grant (Ray would wait for it forever)."""
+def resolve_resources(wc: WorkersConfig, cluster: dict[str, float], node_cpus: Sequence[float] = ()) -> Resources:
+    """Fill the config's ``None`` (auto) fields from ``ray.cluster_resources()`` (and the CPUs of
+    each live node), and refuse what the cluster can never grant (Ray would wait for it forever)."""
     gpus = float(cluster.get("GPU", 0.0))
     num_workers = wc.num_workers if wc.num_workers is not None else max(1, int(gpus))
     per_worker = wc.num_gpus_per_worker
@@ -62,9 +78,12 @@ def resolve_resources(wc: WorkersConfig, cluster: dict[str, float]) -> Resources
             "a fraction (--gpus-per-worker 0.5) or set --reconstruct-gpus 0"
         )
     cpus = float(cluster.get("CPU", 0.0))
-    if num_workers * wc.num_cpus_per_worker > cpus:
+    cpw = wc.num_cpus_per_worker
+    if cpw is None:
+        cpw = default_cpus_per_worker(num_workers, per_worker, node_cpus)
+    if num_workers * cpw > cpus:
         raise ResourceError(
-            f"{num_workers} calibration worker(s) x {wc.num_cpus_per_worker:g} CPU need "
-            f"{num_workers * wc.num_cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}"
+            f"{num_workers} calibration worker(s) x {cpw:g} CPU need {num_workers * cpw:g} CPUs; "
+            f"the Ray cluster has {cpus:g}"
         )
-    return Resources(num_workers, wc.num_cpus_per_worker, per_worker, recon, gpus)
+    return Resources(num_workers, cpw, per_worker, recon, gpus)

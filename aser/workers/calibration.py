@@ -226,13 +226,16 @@ class CalibrationWorker:
         nbytes = self.hidden.numel() * self.hidden.element_size()
         return time.perf_counter() - t0, nbytes
 
-    def advance(self, layer_idx: int) -> StepInfo:
-        """``propagate = "fp"``: layer ``layer_idx``'s FP outputs become the next inputs."""
+    def advance(self, layer_idx: int, save: bool = True) -> StepInfo:
+        """``propagate = "fp"``: layer ``layer_idx``'s FP outputs become the next inputs, saved
+        at this boundary if ``save`` (the driver's ``SavePolicy`` decides)."""
         self._check_at(layer_idx)
         if self.out is None:
             raise RuntimeError(f"worker {self.rank}: advance({layer_idx}) before collect({layer_idx})")
         self.hidden, self.out = self.out, None
         self.next_layer = layer_idx + 1
+        if not save:
+            return StepInfo({}, 0, 0, self._process())
         save_s, nbytes = self._save()
         return StepInfo({"save_state": save_s}, 0, nbytes, self._process())
 

@@ -156,7 +156,7 @@ def test_smallest_valid_values_are_accepted() -> None:
     assert (cfg.calib.num_samples, cfg.workers.num_cpus_per_worker, cfg.shard_size_bytes) == (1, 0.5, 1)
 
 
-_FIELDS = "calib, dest, method, propagate, ray_address, shard_size_bytes, source, workers"
+_FIELDS = "calib, dest, method, propagate, ray_address, save_state_every, shard_size_bytes, source, workers"
 
 
 @pytest.mark.parametrize(

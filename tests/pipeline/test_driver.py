@@ -263,15 +263,20 @@ def test_driver_killed_mid_run_and_at_finalize_resumes_to_the_same_bytes(
     reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str]
 ) -> None:
     dest = tmp_path / "out"
-    args = _resume_args(dest, paths, ray_cluster)
-    mf = _killed(args, "layer:1", dest)
-    assert {int(k) for k in mf["layers"]} == {0, 1}
-    # The workers' states at the first unfinished boundary survived the kill: the rerun starts there.
-    assert "worker-00000-next-00002.pt" in {p.name for p in (dest / ".aser_state").glob("worker-*")}
-    # The rerun finishes every layer and copy, then dies just before the finalize (config,
-    # merged adapter, index): the cheapest way to cover that point by default.
+    # States saved at every other boundary only (save_policy): killed after layer 2, the newest
+    # state at or before the first unfinished layer (3) is boundary 2's.
+    args = [*_resume_args(dest, paths, ray_cluster), "--save-state-every", "2"]
+    mf = _killed(args, "layer:2", dest)
+    assert {int(k) for k in mf["layers"]} == {0, 1, 2}
+    saved = {int(p.stem.rsplit("-", 1)[1]) for p in (dest / ".aser_state").glob("worker-00000-*")}
+    assert 2 in saved and not saved & {1, 3, 5}, saved  # odd boundaries never saved; older pruned
+    # The rerun restores boundary 2, forwards layer 2 again to reach layer 3's inputs, finishes
+    # every layer and copy, then dies just before the finalize (config, merged adapter, index):
+    # the cheapest way to cover that point by default.
     mf = _killed(args, "finalize", dest)
     assert {int(k) for k in mf["layers"]} == {-1, 0, 1, 2, 3, 4, 5}
+    assert [(s["start"], s["restored"], s["forwarded_again"]) for s in mf["summary"]["starts"]] == [
+        (0, 0, 0), (3, 2, 1)]
     res = driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
     assert res.status == "complete"
     assert output_files(str(dest)) == reference

@@ -227,6 +227,24 @@ def test_worker_states_by_boundary_and_pruning(tmp_path: Path) -> None:
     assert not (tmp_path / run_state.STATE_DIR).exists() and mf.load_manifest(dest) is not None
 
 
+def test_sparse_states_keep_the_newest_resume_point_and_agree_across_workers(tmp_path: Path) -> None:
+    """Not every boundary is saved (pipeline.save_policy): pruning at the first unfinished layer
+    keeps the newest state at or before it (older ones, never the one a resume needs, and never
+    newer ones a worker ahead wrote), and a resume starts at the newest boundary all workers saved."""
+    dest = str(tmp_path)
+    for rank, layers in ((0, (2, 4, 6, 8)), (1, (2, 4, 8))):
+        for layer in layers:
+            run_state.save_worker_state(dest, rank, layer, {"hidden": torch.zeros(1)})
+    assert run_state.latest_common_state(dest, range(2), 7) == 4  # 6: worker 1 has none
+    assert run_state.latest_common_state(dest, range(2), 8) == 8
+    assert run_state.latest_common_state(dest, range(2), 1) == 0  # none: from the embedding
+    assert run_state.latest_common_state(dest, range(3), 8) == 0  # worker 2 saved nothing
+    run_state.prune_worker_states(dest, 0, 5)
+    assert [run_state.has_worker_state(dest, 0, k) for k in (2, 4, 6, 8)] == [False, True, True, True]
+    run_state.prune_worker_states(dest, 1, 1)  # nothing at or before layer 1: nothing to drop
+    assert [run_state.has_worker_state(dest, 1, k) for k in (2, 4, 8)] == [True, True, True]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_worker_state_names_the_file(tmp_path: Path, damage: str) -> None:
     dest = str(tmp_path)
