@@ -23,29 +23,16 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import compressed_tensors
 import torch
-from compressed_tensors.base import (
-    COMPRESSION_VERSION_NAME,
-    QUANTIZATION_CONFIG_NAME,
-    QUANTIZATION_METHOD_NAME,
-    SPARSITY_CONFIG_NAME,
-    TRANSFORM_CONFIG_NAME,
-)
-from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import (
-    QuantizationArgs,
-    QuantizationConfig,
-    QuantizationScheme,
-    QuantizationStatus,
-    QuantizationStrategy,
-    QuantizationType,
-    preset_name_to_scheme,
-)
-from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+# compressed-tensors is imported inside the functions that use it: importing it costs about 3 s
+# of CPU here (it pulls in torch._dynamo and torch.distributed), which the driver and every Ray
+# worker process that imports this module for its names would pay at start-up.
 
 from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint import storage
@@ -71,10 +58,8 @@ COPIED_FILES: tuple[str, ...] = (
     "chat_template.json",
 )
 IGNORED_MODULES: tuple[str, ...] = ("lm_head",)
-_COMPRESSION_FORMAT: dict[str, CompressionFormat] = {
-    "w4a8": CompressionFormat.int_quantized,
-    "w4a16": CompressionFormat.pack_quantized,
-}
+# compressed_tensors.config.CompressionFormat values (int_quantized, pack_quantized).
+_COMPRESSION_FORMAT: dict[str, str] = {"w4a8": "int-quantized", "w4a16": "pack-quantized"}
 _PRESET = {"w4a8": "W4A8", "w4a16": "W4A16"}
 
 
@@ -100,6 +85,13 @@ class QuantizedLinearLike(Protocol):
 def quantization_scheme(fmt: OutputFormat, group_size: int | None) -> QuantizationScheme:
     """The compressed-tensors scheme of every quantized Linear: the preset's activations, with
     INT4 symmetric per-channel (``group_size`` None) or per-group weights."""
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationStrategy,
+        QuantizationType,
+        preset_name_to_scheme,
+    )
+
     if fmt not in _PRESET:
         raise ExportError(f"unknown output format {fmt!r}; known: {', '.join(_PRESET)}")
     scheme = preset_name_to_scheme(_PRESET[fmt], targets=["Linear"])
@@ -111,13 +103,15 @@ def quantization_scheme(fmt: OutputFormat, group_size: int | None) -> Quantizati
         strategy=QuantizationStrategy.CHANNEL if group_size is None else QuantizationStrategy.GROUP,
         group_size=group_size,
     )
-    return scheme.model_copy(update={"weights": weights, "format": _COMPRESSION_FORMAT[fmt].value})
+    return scheme.model_copy(update={"weights": weights, "format": _COMPRESSION_FORMAT[fmt]})
 
 
 def quantization_config(fmt: OutputFormat, group_size: int | None) -> QuantizationConfig:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
     return QuantizationConfig(
         config_groups={"group_0": quantization_scheme(fmt, group_size)},
-        format=_COMPRESSION_FORMAT[fmt].value,
+        format=_COMPRESSION_FORMAT[fmt],
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=list(IGNORED_MODULES),
     )
@@ -126,6 +120,15 @@ def quantization_config(fmt: OutputFormat, group_size: int | None) -> Quantizati
 def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_size: int | None) -> dict:
     """The source's config.json with a compressed-tensors quantization_config added (the same
     keys ``ModelCompressor.update_config`` writes)."""
+    import compressed_tensors
+    from compressed_tensors.base import (
+        COMPRESSION_VERSION_NAME,
+        QUANTIZATION_CONFIG_NAME,
+        QUANTIZATION_METHOD_NAME,
+        SPARSITY_CONFIG_NAME,
+        TRANSFORM_CONFIG_NAME,
+    )
+
     if QUANTIZATION_CONFIG_NAME in source_config:
         raise ExportError("the source checkpoint is already quantized (config.json has quantization_config)")
     qconfig = quantization_config(fmt, group_size).model_dump(mode="json", exclude={"quant_method"})
@@ -159,12 +162,15 @@ def compress_linear(
         raise ExportError(f"scale shape {tuple(scale.shape)} does not fit codes {N}x{K}, group {group_size}")
     if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
         raise ExportError("codes outside the INT4 range [-8, 7]")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
     scheme = quantization_scheme(fmt, group_size)
     # The compressors take the dequantized weight and re-derive the codes; in fp32, q * s / s
     # rounds back to q exactly (|q| <= 8 needs 4 bits of the 24-bit mantissa).
     s32 = scale.float()
     W = (q.float().reshape(N, K // g, g) * s32.unsqueeze(-1)).reshape(N, K)
-    compressor = BaseCompressor.get_value_from_registry(_COMPRESSION_FORMAT[fmt].value)
+    compressor = BaseCompressor.get_value_from_registry(_COMPRESSION_FORMAT[fmt])
     out = compressor.compress({"weight": W, "weight_scale": scale}, scheme)
     codes = ct_quantize(x=W, scale=scale, zero_point=None, args=scheme.weights, dtype=torch.int8)
     if not torch.equal(codes, q):

@@ -10,10 +10,10 @@ work in the input's float dtype (float64 included); codes are int8.
 from __future__ import annotations
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import (
-    pack_to_int32,
-    unpack_from_int32,
-)
+
+# compressed-tensors is imported where it is used: importing it costs about 3 s of CPU here
+# (it pulls in torch._dynamo and torch.distributed), paid by every Ray worker process that
+# imports this module only to build layers or compute statistics.
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -121,9 +121,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     qmin, qmax = int_range(4)
     if q.numel() and (int(q.min()) < qmin or int(q.max()) > qmax):
         raise ValueError("pack_int4: codes outside the INT4 range [-8, 7]")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     return pack_to_int32(q, num_bits=4, packed_dim=1)
 
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of pack_int4: (N, ceil(K / 8)) int32 -> (N, K) int8."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     return unpack_from_int32(packed, num_bits=4, shape=torch.Size(shape), packed_dim=1)

@@ -104,6 +104,9 @@ class WorkersConfig:
     num_gpus_per_worker: float | None = None
     # GPUs (a fraction: several tasks share one) per reconstruction task.
     reconstruct_gpus: float | None = None
+    # CPUs per reconstruction task, and its torch threads. Part of the recorded config (a resume
+    # must match it): the thread count decides how CPU sums are split, hence the bytes.
+    reconstruct_cpus: int = 1
 
     def __post_init__(self) -> None:
         if self.num_workers is not None:
@@ -112,6 +115,7 @@ class WorkersConfig:
             _check_number("workers.num_cpus_per_worker", self.num_cpus_per_worker, 0.0)
         if self.num_gpus_per_worker is not None:
             _check_number("workers.num_gpus_per_worker", self.num_gpus_per_worker, 0.0)
+        _check_int("workers.reconstruct_cpus", self.reconstruct_cpus, 1)
         if self.reconstruct_gpus is not None:
             _check_number("workers.reconstruct_gpus", self.reconstruct_gpus, 0.0)
             if self.reconstruct_gpus > 1:

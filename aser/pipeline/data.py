@@ -74,13 +74,14 @@ class _TokenProgress:
 
 @torch.no_grad()
 def self_generated_windows(
-    model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int, batch_size: int = 32,
+    model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int, batch_size: int = 64,
     show_progress: bool = True,
 ) -> torch.Tensor:
     """Calibration text sampled from the model itself (no corpus): (S, L) int64.
 
     Each sample starts at BOS and is drawn with temperature 1 (plain multinomial sampling), in
-    batches of ``batch_size`` sequences, with a progress bar over the tokens drawn.
+    batches of ``batch_size`` sequences, with a progress bar over the tokens drawn. (SmolLM2-135M
+    on 2 cores: 97, 132 and 186 tokens/s at batches of 16, 32 and 64.)
     """
     from tqdm import tqdm
 

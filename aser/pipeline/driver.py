@@ -39,6 +39,7 @@ from aser.pipeline.config import RunConfig
 from aser.pipeline.memory import ModelShape, RunCost, estimate
 from aser.pipeline.resources import ResourceError, Resources, resolve_resources
 from aser.pipeline.plan import Plan, make_plan
+from aser.pipeline.plan_cmd import preview
 from aser.pipeline.save_policy import SavePolicy
 from aser.workers import layer_tasks
 from aser.workers.calibration import StepInfo, process_info
@@ -249,6 +250,16 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
     _maybe_kill(ctx, "copies")
 
 
+def submit_smooth(smooth: Any, n_out: int, config_dict: dict[str, Any], layer: int, method: Any,
+                  loaded: tuple[Any, Any, Any], collected: list[Any]) -> Any:
+    """The smoothing task of a layer: the statistics parts (``collect``'s first outputs) go in a
+    list, fetched one at a time; the ``collect`` infos (second outputs) go as top-level arguments
+    so that Ray starts the task only once every worker's statistics exist
+    (``ray_actors.smooth_streaming`` says what an earlier start cost)."""
+    return smooth.options(num_returns=n_out).remote(
+        config_dict, layer, method, *loaded, [c[0] for c in collected], *[c[1] for c in collected])
+
+
 def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
     plan, cfg, fns = ctx.plan, ctx.config, ctx.fns
     L = plan.num_layers
@@ -264,12 +275,11 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
         tensors, nbytes, read_s = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
             plan.source_url, plan.config_dict, i)
         collected = [a.collect.options(num_returns=2).remote(i, tensors) for a in actors]
-        outs = fns["smooth"].options(num_returns=n_out).remote(
-            plan.config_dict, i, cfg.method, tensors, nbytes, read_s, [c[0] for c in collected]
-        )
+        outs = submit_smooth(fns["smooth"], n_out, plan.config_dict, i, cfg.method, (tensors, nbytes, read_s),
+                             collected)
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
         results = [
-            fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu)
+            fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu, ctx.resources.reconstruct_cpus)
             for w, g in zip(weights, group_of, strict=True)
         ]
         writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results)
@@ -333,14 +343,19 @@ def _init_ray(config: RunConfig) -> bool:
         # machine last started (Ray's /tmp/ray/ray_current_cluster), with its resources.
         wc = config.workers
         cores = os.cpu_count() or 1
+        # The workers inherit this process's environment. OpenMP threads that wait passively
+        # (sleep instead of spinning) leave the cores to whichever process has work: the
+        # calibration forward's threads share them with a reconstruction task. SmolLM2-135M,
+        # 32 x 512 tokens, 2 cores: 108 and 110 s against 118 s spinning (GNU OpenMP's default).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if wc.num_cpus_per_worker is None:
-            # One slot more than the cores: by default the workers take all but one of them
-            # (resources.default_cpus_per_worker), and the tasks get the remaining one plus this
-            # slot: tasks mostly run while the workers wait on them, or on a few threads.
-            ray.init(address="local", num_cpus=cores + 1, **kw)
+            # A reconstruction task's CPUs more than the cores: by default the workers take the
+            # cores (resources.default_cpus_per_worker leaves the task's share) and one task at
+            # a time runs beside them, on the CPU time the forward leaves.
+            ray.init(address="local", num_cpus=cores + wc.reconstruct_cpus, **kw)
         else:
-            # Actors hold their CPUs for the whole run; the tasks need at least one more.
-            need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + 1
+            # Actors hold their CPUs for the whole run; a task needs its CPUs besides.
+            need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + wc.reconstruct_cpus
             ray.init(address="local", num_cpus=max(cores, need), **kw)
     return True
 
@@ -370,6 +385,9 @@ def run(
     """
     t0 = time.perf_counter()
     plan = make_plan(config)
+    local = not (ray.is_initialized() or config.ray_address or os.environ.get("RAY_ADDRESS"))
+    print(preview(config, ModelShape.from_checkpoint(plan.config_dict, plan.index), config.calib.source is None, local),
+          file=sys.stderr)
     size = sum(s.size_bytes for s in plan.index.shards.values())
     tokens, calib_desc = calibration_tokens(config, plan.source_url, size)
     calib_sha = manifest.calibration_sha256(tokens)
@@ -390,6 +408,8 @@ def run(
         print(f"[aser] {storage.redact(config.dest)} is already complete; nothing to do", file=sys.stderr)
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
     t_ray = time.perf_counter()
+    if local and show_progress:
+        print("[aser] starting a local Ray instance", file=sys.stderr)
     owned = _init_ray(config)
     ray_init_s = time.perf_counter() - t_ray
     try:  # until the layers start: a Ray this call started is shut down on any error
@@ -418,7 +438,7 @@ def run(
     done0 = len([i for i in manifest.finished_layers(mf, config.dest) if 0 <= i < plan.num_layers])
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
-    ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus, memory),
+    ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus, memory, resources.reconstruct_cpus),
                lambda _i: bar.update(1), kill_after, kill_worker, resources, memory)
     mf.summary["plan"] = {p.kind: {"count": p.count, "peak_host_bytes": p.peak_host_bytes,
                                    "peak_gpu_bytes": p.peak_gpu_bytes} for p in cost.processes}
@@ -448,6 +468,8 @@ def run(
         parts = sorted({name for rec in mf.layers.values() for name in rec.files
                         if name.startswith(export.ADAPTER_PARTS_DIR)})
         t_fin = time.perf_counter()
+        if show_progress:
+            print(f"[aser] finalize: merging {len(parts)} adapter parts, writing config and index", file=sys.stderr)
         fin, proc = ray.get(ctx.fns["finalize"].remote(
             config.dest, plan.source_url, plan.num_layers, config.output_format, config.method.group_size, parts))
         _note_processes(ctx, [proc])
@@ -515,6 +537,12 @@ def summary_table(mf: manifest.Manifest) -> str:
     if s:
         lines.append(f"wall {s.get('wall_s', 0.0):.1f} s; read {s.get('bytes_read', 0) / 1e6:.1f} MB, "
                      f"wrote {s.get('bytes_written', 0) / 1e6:.1f} MB")
+        totals = s.get("stage_seconds_total", {})
+        if totals:
+            # Summed over layers: stages of different layers overlap, so they add up to more
+            # than the wall time; each worker-side stage is the slowest worker's.
+            lines.append("seconds per stage, summed over layers: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])))
         for p in s.get("processes", []):
             lines.append(f"  peak RSS {p['role']:<12} pid {p['pid']:<8} {p['peak_rss_bytes'] / 2**20:8.1f} MiB")
     return "\n".join(lines)

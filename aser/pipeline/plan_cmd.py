@@ -186,6 +186,38 @@ def _human(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Sampling calibration text from the model runs one token at a time for a batch of sequences:
+# small matrix products that reach a fraction of the measured matmul rate.
+SAMPLING_EFFICIENCY = 0.1
+
+
+def preview(config: Any, shape: ModelShape, self_generated: bool, local: bool) -> str:
+    """What ``aser quantize`` prints before it starts: the work, and for a run on this machine
+    (``local``: a Ray it starts itself) how long ``aser plan``'s model expects it to take."""
+    c, m = config.calib, config.method
+    lines = [f"[aser] {storage.redact(config.source)} -> {storage.redact(config.dest)}: {shape.num_layers} layers "
+             f"of {shape.layer_bytes / 2**20:.0f} MiB, {m.method} rank {m.rank}, calibration {c.num_samples} x "
+             f"{c.seq_len} tokens ({'sampled from the model' if self_generated else storage.redact(c.source or '')})"]
+    if not local:
+        lines.append("[aser] on a Ray cluster: `aser plan SOURCE --device-profile h100|h200` estimates its time")
+        return "\n".join(lines)
+    profile = cpu_profile()
+    wc = config.workers
+    report = make_report(shape, profile, 1, wc.num_workers, wc.num_gpus_per_worker, wc.reconstruct_gpus,
+                         c.num_samples, c.seq_len, m.rank, m.num_outliers)
+    s = report["seconds_estimate"]
+    total = s["total"]
+    parts = [f"calibration {s['calibration']:.0f} s", f"reconstruction {s['reconstruct']:.0f} s"]
+    if self_generated:
+        params = shape.num_layers * shape.layer_params + shape.vocab * shape.hidden
+        sampling = c.num_samples * c.seq_len * 2 * params / (profile.fp32_flops * SAMPLING_EFFICIENCY)
+        total += sampling
+        parts.insert(0, f"sampling {sampling:.0f} s")
+    lines.append(f"[aser] estimated {total / 60:.1f} min on this machine ({', '.join(parts)}; `aser plan`'s model "
+                 f"at this CPU's measured matmul rate)")
+    return "\n".join(lines)
+
+
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="what a run will cost (memory per process, bytes, FLOPs, time), "
                                            "from config.json alone")

@@ -19,6 +19,17 @@ from aser.pipeline.flags import add_method_flags, given_method_fields
 from aser.pipeline.sources import DEFAULT_SOURCE
 
 DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
+# `aser quantize` with neither a source nor calibration settings: the README's first command, on
+# the embedded model with calibration sampled from itself. Sampling and calibrating on the full
+# default (128 x 512 tokens) is many minutes on a small machine; the first run uses this much
+# instead and says what it costs (measured by benchmarks/first_run.py).
+FIRST_RUN_CALIB = {"num_samples": 64, "seq_len": 128}
+FIRST_RUN_NOTE = (
+    "[aser] first run on the embedded model: {num_samples} x {seq_len} calibration tokens sampled from it "
+    "instead of 128 x 512 ({cost}); pass --num-samples 128 --seq-len 512 for the full default, or "
+    "--calib TEXT for your own text"
+)
+FIRST_RUN_COST = "its perplexity cost is measured in benchmarks/results/first_run.json"
 # Test hooks (crash the driver at a point, or one worker mid-layer); read here, where the
 # environment may be read, and passed to the driver as arguments.
 KILL_AFTER_ENV = "ASER_TEST_KILL_AFTER"
@@ -36,6 +47,7 @@ _RUN_FLAGS = {
     "cpus_per_worker": ("workers", "num_cpus_per_worker"),
     "gpus_per_worker": ("workers", "num_gpus_per_worker"),
     "reconstruct_gpus": ("workers", "reconstruct_gpus"),
+    "reconstruct_cpus": ("workers", "reconstruct_cpus"),
     "propagate": ("propagate",),
     "address": ("ray_address",),
     "shard_size": ("shard_size_bytes",),
@@ -67,6 +79,8 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="GPUs per calibration worker; default: 0.5 on a cluster with GPUs, else 0")
     q.add_argument("--reconstruct-gpus", type=float,
                    help="GPUs per reconstruction task (a fraction shares a GPU); default: 0.25 with GPUs, else 0")
+    q.add_argument("--reconstruct-cpus", type=int,
+                   help="CPUs (torch threads) per reconstruction task; default 1. Recorded: a resume must match")
     q.add_argument("--propagate", choices=PROPAGATE_MODES)
     q.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     q.add_argument("--shard-size", type=int, help="max bytes per output shard")
@@ -90,11 +104,19 @@ def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
+def is_first_run(a: argparse.Namespace) -> bool:
+    """No source, no recipe and no calibration setting: the README's first command."""
+    return not a.recipe and not any(hasattr(a, f) for f in ("source", "calib", "num_samples", "seq_len"))
+
+
 def config_from_args(a: argparse.Namespace) -> Any:
-    """The RunConfig of the command line: the recipe (if any), then every flag given."""
+    """The RunConfig of the command line: the recipe (if any), then every flag given (the first
+    run's smaller calibration when none is: ``FIRST_RUN_CALIB``)."""
     from aser.pipeline.config import RunConfig, read_recipe
 
     data = read_recipe(a.recipe) if a.recipe else {}
+    if is_first_run(a):
+        data["calib"] = dict(FIRST_RUN_CALIB)
     for flag, path in _RUN_FLAGS.items():
         if hasattr(a, flag):
             _set(data, path, getattr(a, flag))
@@ -109,6 +131,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from aser.pipeline import driver
 
     config = config_from_args(a)
+    if is_first_run(a):
+        print(FIRST_RUN_NOTE.format(cost=FIRST_RUN_COST, **FIRST_RUN_CALIB), file=sys.stderr)
     kill_worker = None
     if os.environ.get(KILL_WORKER_ENV):
         rank, layer = os.environ[KILL_WORKER_ENV].split(":")

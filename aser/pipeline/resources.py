@@ -23,14 +23,15 @@ RECONSTRUCT_GPU_FRACTION = 0.25
 TASK_CPUS_RESERVED = 1
 
 
-def default_cpus_per_worker(num_workers: int, gpus_per_worker: float, node_cpus: Sequence[float]) -> float:
+def default_cpus_per_worker(num_workers: int, gpus_per_worker: float, node_cpus: Sequence[float],
+                            task_cpus: int = TASK_CPUS_RESERVED) -> float:
     """A GPU worker: 1 CPU (its forward runs on the GPU). A CPU worker: its node's CPUs shared
-    among the workers spread onto that node, less ``TASK_CPUS_RESERVED``, so that a worker
-    running alone uses the machine (its forward is the run's critical path); at least 1."""
+    among the workers spread onto that node, less ``task_cpus`` for one task at a time, so that
+    a worker running alone uses the machine (its forward is the run's critical path); at least 1."""
     if gpus_per_worker > 0 or not node_cpus:
         return 1.0
     per_node = -(-num_workers // len(node_cpus))
-    return float(max(1, int((min(node_cpus) - TASK_CPUS_RESERVED) // per_node)))
+    return float(max(1, int((min(node_cpus) - task_cpus) // per_node)))
 
 
 class ResourceError(ValueError):
@@ -46,13 +47,15 @@ class Resources:
     gpus_per_worker: float
     reconstruct_gpus: float
     cluster_gpus: float
+    reconstruct_cpus: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def workers_config(self) -> WorkersConfig:
         return WorkersConfig(num_workers=self.num_workers, num_cpus_per_worker=self.cpus_per_worker,
-                             num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus)
+                             num_gpus_per_worker=self.gpus_per_worker, reconstruct_gpus=self.reconstruct_gpus,
+                             reconstruct_cpus=self.reconstruct_cpus)
 
 
 def resolve_resources(wc: WorkersConfig, cluster: dict[str, float], node_cpus: Sequence[float] = ()) -> Resources:
@@ -80,10 +83,14 @@ def resolve_resources(wc: WorkersConfig, cluster: dict[str, float], node_cpus: S
     cpus = float(cluster.get("CPU", 0.0))
     cpw = wc.num_cpus_per_worker
     if cpw is None:
-        cpw = default_cpus_per_worker(num_workers, per_worker, node_cpus)
+        cpw = default_cpus_per_worker(num_workers, per_worker, node_cpus, max(TASK_CPUS_RESERVED, wc.reconstruct_cpus))
+    largest = max(node_cpus, default=cpus)
+    if wc.reconstruct_cpus > largest:
+        raise ResourceError(f"reconstruction tasks ask for {wc.reconstruct_cpus} CPUs each; the largest Ray node "
+                            f"has {largest:g}. Lower --reconstruct-cpus")
     if num_workers * cpw > cpus:
         raise ResourceError(
             f"{num_workers} calibration worker(s) x {cpw:g} CPU need {num_workers * cpw:g} CPUs; "
             f"the Ray cluster has {cpus:g}"
         )
-    return Resources(num_workers, cpw, per_worker, recon, gpus)
+    return Resources(num_workers, cpw, per_worker, recon, gpus, wc.reconstruct_cpus)

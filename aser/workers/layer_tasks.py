@@ -154,14 +154,16 @@ def linear_group_index(config_dict: Mapping[str, Any]) -> list[int]:
 
 
 def reconstruct_task(
-    W: torch.Tensor, payload: GroupPayload, method: MethodConfig, use_gpu: bool = False
+    W: torch.Tensor, payload: GroupPayload, method: MethodConfig, use_gpu: bool = False, threads: int = TASK_THREADS
 ) -> LinearResult:
     """Steps 2–3 for one smoothed linear, W: (N, K) in the checkpoint's dtype.
 
     use_gpu: run on the GPU this task was given (the CPU when there is none). The result is on
-    the CPU either way; where it ran is in ``res.process``.
+    the CPU either way; where it ran is in ``res.process``. threads: torch's CPU threads, the
+    CPUs the task was given (``workers.reconstruct_cpus``: part of the run's config, so that a
+    resumed run splits its sums the same way and writes the same bytes).
     """
-    torch.set_num_threads(TASK_THREADS)
+    torch.set_num_threads(threads)
     device = worker_device(use_gpu)
     t0 = time.perf_counter()
     outliers = None if payload.outliers is None else payload.outliers.to(device)

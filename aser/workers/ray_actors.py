@@ -30,7 +30,7 @@ ACTOR_MAX_RESTARTS = 0  # state is not rebuilt by a restart; the driver recovers
 ACTOR_MAX_TASK_RETRIES = 0
 TASK_MAX_RETRIES = 3  # pure / idempotent work: safe to rerun after a worker process dies
 STORAGE_RETRY_EXCEPTIONS: list[type[BaseException]] = [OSError]  # transient storage errors only
-RECONSTRUCT_NUM_CPUS = 1.0  # matches layer_tasks.TASK_THREADS
+TASK_NUM_CPUS = 1.0  # matches layer_tasks.TASK_THREADS
 
 
 class PlacedCalibrationWorker(CalibrationWorker):
@@ -64,14 +64,22 @@ def calibration_actor(num_cpus: float, num_gpus: float, memory: int = 0) -> Any:
 
 def smooth_streaming(
     config_dict: Mapping[str, Any], layer_idx: int, method: Any, tensors: Any, nbytes: int, read_s: float,
-    part_refs: list[Any],
+    part_refs: list[Any], *collected: Any,
 ) -> tuple[Any, ...]:
     """``layer_tasks.smooth_task`` with the workers' partial statistics fetched one at a time.
 
     The parts come as a list of object refs (Ray resolves only top-level arguments) and are
     fetched as ``stats.reduce_parts`` asks for them, in rank order: each is released before the
     next is fetched, so the task holds one part and the running sums instead of every worker's
-    statistics at once (8 x 10 GiB for a Llama-3-70B layer on an 8-GPU node)."""
+    statistics at once (8 x 10 GiB for a Llama-3-70B layer on an 8-GPU node).
+
+    collected: the workers' ``collect`` step infos (small), passed as top-level arguments so
+    that Ray starts the task only once every part exists. Started earlier, the task would block
+    in ``ray.get`` for the whole forward pass; Ray lends a blocked task's CPU to a new worker
+    process, so each layer started fresh processes (Python and torch imports, about 5 s of CPU
+    each here) that then idled out: SmolLM2-135M spent more time starting processes than
+    forwarding (1.2 s instead of 0.34 s per batch on 2 cores)."""
+    del collected
     parts = (ray.get(ref) for ref in part_refs)
     return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, parts)
 
@@ -94,7 +102,8 @@ def _task(
     return ray.remote(**opts)(fn)
 
 
-def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | None = None) -> dict[str, Any]:
+def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | None = None,
+                     reconstruct_cpus: float = TASK_NUM_CPUS) -> dict[str, Any]:
     """The tasks, built on first use (ray.remote needs no running cluster, but importing this
     module should not register functions that a caller never uses).
 
@@ -102,12 +111,14 @@ def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | 
     share it with a calibration actor holding the rest); the task computes there when > 0.
     memory: host bytes per task kind (``pipeline.memory``; keys smooth, reconstruct, writer,
     finalize): Ray runs on a node only as many tasks as its memory holds.
+    reconstruct_cpus: CPUs per reconstruction task; it runs that many torch threads (pass the
+    same number to ``reconstruct_task``'s ``threads``).
     """
     mem = dict(memory or {})
     return {
         "load_layer": _task(layer_tasks.load_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
-        "smooth": _task(smooth_streaming, False, RECONSTRUCT_NUM_CPUS, memory=mem.get("smooth", 0)),
-        "reconstruct": _task(layer_tasks.reconstruct_task, False, RECONSTRUCT_NUM_CPUS, reconstruct_gpus,
+        "smooth": _task(smooth_streaming, False, TASK_NUM_CPUS, memory=mem.get("smooth", 0)),
+        "reconstruct": _task(layer_tasks.reconstruct_task, False, reconstruct_cpus, reconstruct_gpus,
                              memory=mem.get("reconstruct", 0)),
         "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
         "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),

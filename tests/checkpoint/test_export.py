@@ -147,7 +147,7 @@ def test_compressor_keeps_our_codes_and_scales(fmt: str, group_size, dtype) -> N
     q, scale = quantize_weight(W, 4, group_size)
     out = export.compress_linear(q, scale, fmt, group_size)  # type: ignore[arg-type]
     assert out["weight_scale"].dtype == dtype and torch.equal(out["weight_scale"], scale)
-    compressor = BaseCompressor.get_value_from_registry(export._COMPRESSION_FORMAT[fmt].value)
+    compressor = BaseCompressor.get_value_from_registry(export._COMPRESSION_FORMAT[fmt])
     back = compressor.decompress(out, export.quantization_scheme(fmt, group_size))  # type: ignore[arg-type]
     torch.testing.assert_close(back["weight"].float(), dequantize_weight(q, scale, group_size).float(), atol=0, rtol=0)
 

@@ -170,7 +170,7 @@ _FIELDS = "calib, dest, method, propagate, ray_address, save_state_every, shard_
         ({"source": "a", "dest": "b", "workers": [1]}, "workers must be a mapping, got [1]"),
         ({"source": "a", "dest": "b", "method": "er"}, "method must be a mapping, got 'er'"),
         ({"source": "a", "dest": "b", "workers": {"n": 1}},
-         "unknown config field workers.n (known: num_cpus_per_worker, num_gpus_per_worker, num_workers, reconstruct_gpus)"),
+         "unknown config field workers.n (known: num_cpus_per_worker, num_gpus_per_worker, num_workers, reconstruct_cpus, reconstruct_gpus)"),
         ({"source": "a", "dest": "b", "method": {"rnak": 3}}, "method: unknown method field(s): rnak"),
         ({"source": "a", "dest": "b", "method": {"rank": -1}}, "method.rank must be >= 0, got -1"),
         ({"source": "a", "dest": "b", "method": {"alpha_grid": 5}}, "method: 'int' object is not iterable"),

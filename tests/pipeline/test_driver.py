@@ -81,6 +81,13 @@ def test_manifest_metrics_and_finished_dest_left_alone(reference_dest: str, path
     assert extra["adapter_bits"] == sum(8 * t.numel() * t.element_size() for t in adapter.values())
     assert extra["extra_bits_per_weight"] == pytest.approx(extra["adapter_bits"] / extra["quantized_weights"])
     assert "driver" in roles and "calibration" in roles
+    # The run's time split, printed by `aser quantize` after the per-layer table.
+    split = driver.summary_table(manifest.load_manifest(dest)).splitlines()[-1 - len(mf["summary"]["processes"]):]
+    assert split[0].startswith("seconds per stage, summed over layers: ")
+    stages = dict(item.rsplit(" ", 1) for item in split[0].split(": ", 1)[1].split(", "))
+    assert {"forward", "reconstruct", "finalize", "ray_init"} <= set(stages)
+    assert float(stages["forward"]) == pytest.approx(sum(r["seconds"].get("forward", 0.0)
+                                                         for r in mf["layers"].values()), abs=0.05)
     assert mf["calibration_sha256"] and mf["config"]["calib"]["num_samples"] == NUM_SAMPLES
     before = Path(dest, "model.safetensors.index.json").stat().st_mtime_ns
     again = driver.run(cfg, show_progress=False)
@@ -340,3 +347,28 @@ def test_propagate_quantized_matches_simulation(
     gap_fp = _max_rel_gap({k: got[k] for k in later}, {k: fp[k] for k in later})
     assert gap_sim <= PROPAGATE_REL_TOL
     assert gap_fp > 10 * PROPAGATE_REL_TOL  # the bound separates the two propagations
+
+
+def test_smoothing_waits_for_every_workers_statistics_as_a_dependency():
+    """The smoothing task fetches the statistics parts itself (a list: one at a time), so Ray
+    would start it as soon as the layer is read and it would block in ``ray.get`` for the whole
+    forward pass; Ray then starts a new worker process for the CPU a blocked task lends, and on
+    SmolLM2-135M the run spent more time starting processes than forwarding. The workers'
+    ``collect`` infos must therefore be top-level arguments: Ray resolves exactly those before
+    it starts a task."""
+    class Smooth:
+        def options(self, **kw):
+            self.kw = kw
+            return self
+
+        def remote(self, *args):
+            self.args = args
+
+    smooth = Smooth()
+    collected = [("stats0", "info0"), ("stats1", "info1")]
+    driver.submit_smooth(smooth, 5, {"c": 1}, 3, "method", ("tensors", "nbytes", "read_s"), collected)
+    assert smooth.kw == {"num_returns": 5}
+    top_level = smooth.args
+    assert ["stats0", "stats1"] in top_level  # the parts: one list, fetched lazily
+    assert "info0" in top_level and "info1" in top_level  # dependencies Ray resolves first
+    assert top_level[:6] == ({"c": 1}, 3, "method", "tensors", "nbytes", "read_s")

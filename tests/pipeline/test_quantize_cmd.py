@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from aser.pipeline import cli
-from aser.pipeline.config import ConfigError, RunConfig
-from aser.pipeline.quantize_cmd import DEFAULT_DEST, DEFAULT_SOURCE, config_from_args
+from aser.pipeline.config import CalibConfig, ConfigError, RunConfig
+from aser.pipeline.quantize_cmd import DEFAULT_DEST, DEFAULT_SOURCE, FIRST_RUN_CALIB, config_from_args
 from aser.workers.reconstruct import MethodConfig
 
 
@@ -29,8 +29,13 @@ def _recipe(tmp_path: Path, text: str) -> str:
 
 
 def test_defaults_are_the_embedded_model_and_the_dataclass_defaults() -> None:
-    # No flag and no recipe: every value is RunConfig's own default (defaults live there only).
-    assert _config([]) == RunConfig(source=DEFAULT_SOURCE, dest=DEFAULT_DEST)
+    # No flag and no recipe: the README's first command. Every value is RunConfig's own default
+    # (defaults live there only) but the first run's smaller self-sampled calibration.
+    assert _config([]) == RunConfig(source=DEFAULT_SOURCE, dest=DEFAULT_DEST, calib=CalibConfig(**FIRST_RUN_CALIB))
+    # Any source or calibration setting given: the dataclass defaults, calibration included.
+    assert _config([DEFAULT_SOURCE]) == RunConfig(source=DEFAULT_SOURCE, dest=DEFAULT_DEST)
+    assert _config(["--num-samples", "128"]).calib == CalibConfig(num_samples=128)
+    assert _config(["--calib", "t.txt"]).calib == CalibConfig(source="t.txt")
 
 
 def test_simulate_method_defaults_are_method_config_defaults() -> None:

@@ -15,3 +15,4 @@ def test_gpu_tasks_keep_their_worker_process():
     assert fns["reconstruct"]._default_options["num_gpus"] == 0.25
     assert all(fns[n]._default_options["num_gpus"] == 0 for n in fns if n != "reconstruct")
     assert ray_actors.remote_functions()["reconstruct"]._default_options["num_gpus"] == 0
+

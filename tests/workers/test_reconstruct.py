@@ -427,3 +427,32 @@ def test_errors_through_the_whitening_factor_equal_the_direct_products(outlier_m
     assert res.metrics["err_before"] == pytest.approx((output_error_sq(E, st.gram) / ref) ** 0.5, rel=1e-9)
     assert res.metrics["err_after_sq"] == pytest.approx(output_error_sq(R, st.gram), rel=1e-9)
     assert res.metrics["err_after"] < res.metrics["err_before"]
+
+
+def test_reconstruction_threads_are_the_tasks_cpus_and_repeat_their_bytes(monkeypatch):
+    """Issue 9: a reconstruction task runs ``workers.reconstruct_cpus`` torch threads. The count
+    is part of the run's recorded config, so a resumed run uses it again; with the same count,
+    every byte of the result repeats (checked here twice at 2 threads)."""
+    from aser.workers import layer_tasks
+
+    seen = []
+    real = layer_tasks.reconstruct_linear
+
+    def spy(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(layer_tasks, "reconstruct_linear", spy)
+    W, st = _linear_problem(3, N=192, K=384, T=2048)
+    payload = layer_tasks.GroupPayload(st, None)
+    cfg = MethodConfig(method="gptq+er", rank=16)
+    before = torch.get_num_threads()
+    try:
+        runs = [layer_tasks.reconstruct_task(W.float(), payload, cfg, threads=t) for t in (2, 2, 1)]
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2, 1]
+    a, b, one = runs
+    for name in ("q", "scale", "L_A", "L_B"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.q, one.q) or (a.q != one.q).float().mean() < 0.01
