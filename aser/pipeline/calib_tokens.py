@@ -6,7 +6,6 @@ the manifest, and hands each worker its contiguous share.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,6 @@ def calibration_tokens(config: RunConfig, source_url: str, source_size_bytes: in
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source_url.removeprefix("file://")).eval()
-    print("[aser] no --calib given: sampling calibration text from the model itself", file=sys.stderr)
     windows = data.self_generated_windows(model, tok, calib.num_samples, calib.seq_len, calib.seed)
     del model
     return windows, "self-generated (sampled from the model; no calibration text given)"

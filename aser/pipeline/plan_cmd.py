@@ -187,8 +187,9 @@ def _human(report: dict[str, Any]) -> str:
 
 
 # Sampling calibration text from the model runs one token at a time for a batch of sequences:
-# small matrix products that reach a fraction of the measured matmul rate.
-SAMPLING_EFFICIENCY = 0.1
+# small matrix products that reach a fraction of the measured matmul rate (SmolLM2-135M,
+# batches of 64 sequences on 2 cores: 0.34 of it, the first run's 8128 tokens in 49 s).
+SAMPLING_EFFICIENCY = 0.3
 
 
 def preview(config: Any, shape: ModelShape, self_generated: bool, local: bool) -> str:

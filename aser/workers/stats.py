@@ -94,15 +94,12 @@ def gram_multiply_adds(K: int, block: int = GRAM_BLOCK) -> int:
 
 
 def mirror_upper(g: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """``g`` (K, K) made symmetric from its upper triangle, in place: each block of rows left of
-    the diagonal block is copied from the disjoint block above the diagonal; within the diagonal
-    block, row by row (no temporary of the block's size)."""
+    """``g`` (K, K), accumulated by ``StatsAccumulator.add`` (the diagonal blocks whole, the blocks
+    right of them), made symmetric in place: each block of rows left of its diagonal block is
+    copied from the disjoint block above the diagonal."""
     K = g.shape[0]
     for i0 in range(0, K, block):
-        i1 = min(i0 + block, K)
-        g[i0:i1, :i0] = g[:i0, i0:i1].T
-        for r in range(i0 + 1, i1):
-            g[r, i0:r] = g[i0:r, r]
+        g[i0 : i0 + block, :i0] = g[:i0, i0 : i0 + block].T
     return g
 
 
