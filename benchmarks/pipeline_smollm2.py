@@ -56,13 +56,19 @@ def baseline_seconds(source_url: str, tokens: torch.Tensor, batch_size: int) -> 
     return {"read_s": read_s, "forward_s": time.perf_counter() - t1}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_parser(doc: str | None, num_samples: int) -> argparse.ArgumentParser:
+    """The flags every SmolLM2 pipeline benchmark shares: source, calibration and evaluation text."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="builtin:smollm2-135m")
     p.add_argument("--calib", default=str(DATA / "wikitext2" / "valid.tokenized.txt"))
     p.add_argument("--eval", default=str(DATA / "wikitext2" / "test.raw.txt"))
-    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--num-samples", type=int, default=num_samples)
     p.add_argument("--seq-len", type=int, default=512)
+    return p
+
+
+def main() -> int:
+    p = run_parser(__doc__, 128)
     p.add_argument("--method", default="aser")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--workers", type=int, default=1)

@@ -17,7 +17,6 @@ CPU; plus PEFT for aser's adapter) on the same test windows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline_smollm2 import DATA, data_relative  # noqa: E402
+from pipeline_smollm2 import data_relative, run_parser  # noqa: E402
 
 LLMCOMPRESSOR = "llmcompressor==0.14.0"
 DEFAULT_VENV = Path.home() / ".cache" / "aser" / "bench" / "llmcompressor-0.14.0"
@@ -61,12 +60,7 @@ def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="builtin:smollm2-135m")
-    p.add_argument("--calib", default=str(DATA / "wikitext2" / "valid.tokenized.txt"))
-    p.add_argument("--eval", default=str(DATA / "wikitext2" / "test.raw.txt"))
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
+    p = run_parser(__doc__, 64)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
