@@ -29,7 +29,8 @@ FIRST_RUN_NOTE = (
     "instead of 128 x 512 ({cost}); pass --num-samples 128 --seq-len 512 for the full default, or "
     "--calib TEXT for your own text"
 )
-FIRST_RUN_COST = "its perplexity cost is measured in benchmarks/results/first_run.json"
+FIRST_RUN_COST = ("measured on this model: WikiText-2 test perplexity 35.84 against 35.89 with 128 x 512; "
+                  "benchmarks/results/first_run.json")
 # Test hooks (crash the driver at a point, or one worker mid-layer); read here, where the
 # environment may be read, and passed to the driver as arguments.
 KILL_AFTER_ENV = "ASER_TEST_KILL_AFTER"

@@ -57,7 +57,8 @@ def test_gpus_placed_as_planned_and_cpu_fallback_is_byte_identical(
     summary = json.loads(auto.stdout.strip().splitlines()[-1])["summary"]
     # Defaults from the cluster: one worker per GPU, half a GPU each, a quarter per reconstruction.
     assert summary["resources"] == {"num_workers": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 0.5,
-                                    "reconstruct_gpus": 0.25, "cluster_gpus": 2.0}
+                                    "reconstruct_gpus": 0.25, "cluster_gpus": 2.0,
+                                    "reconstruct_cpus": 1}
     workers = summary["workers"]
     assert len(workers) == 2
     for w in workers:
