@@ -16,7 +16,7 @@ so a retried task is harmless.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,21 +111,7 @@ def smooth_task(
     t0 = time.perf_counter()
     config = hf_config(config_dict)
     groups = groups_for(config)
-    waited = [0.0]
-
-    def timed(parts: Iterable[Mapping[str, GroupStats]]) -> Iterator[Mapping[str, GroupStats]]:
-        # The task starts once the layer is read and waits here for the workers' statistics
-        # (their forward passes): that wait is not reduction time.
-        it = iter(parts)
-        while True:
-            tw = time.perf_counter()
-            part = next(it, None)
-            waited[0] += time.perf_counter() - tw
-            if part is None:
-                return
-            yield part
-
-    stats = reduce_parts(timed(stats_parts))
+    stats = reduce_parts(stats_parts)
     if set(stats) != {g.name for g in groups}:
         raise ValueError(f"layer {layer_idx}: statistics for groups {sorted(stats)}, expected "
                          f"{sorted(g.name for g in groups)}")
@@ -140,7 +126,7 @@ def smooth_task(
         choices=sm.choices,
         linear_names=linears,
         bytes_read=nbytes,
-        seconds={"reduce": t1 - t0 - waited[0], "read_layer": read_s, "smooth": t3 - t2},
+        seconds={"reduce": t1 - t0, "read_layer": read_s, "smooth": t3 - t2},
         process=process_info("smooth"),
     )
     payloads = [GroupPayload(sm.stats[g.name], sm.outliers[g.name]) for g in groups]
