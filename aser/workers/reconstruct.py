@@ -24,6 +24,7 @@ from aser.workers.gptq import gptq_quantize
 from aser.workers.lowrank import (
     LowRank,
     l2qer_lowrank,
+    mm_lower,
     output_error_sq,
     plain_lowrank,
     whitened_error_sq,
@@ -364,7 +365,7 @@ def reconstruct_linear(
             RS = ES.sub_(L_A.to(torch.float64) @ (L_B.to(torch.float64) @ S))
             after = whitened_error_sq(RS, R, shift)
         del ES
-        ref = whitened_error_sq(W64 @ S, W64, shift)
+        ref = whitened_error_sq(mm_lower(W64, S), W64, shift)
     else:
         ref = output_error_sq(W64, G)
         before = output_error_sq(E, G)

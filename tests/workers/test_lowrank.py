@@ -7,6 +7,7 @@ from aser.workers.lowrank import (
     _energy_rank,
     damped_cholesky,
     l2qer_lowrank,
+    mm_lower,
     output_error_sq,
     plain_lowrank,
     whitened_lowrank,
@@ -19,6 +20,25 @@ def _problem(N=24, K=40, T=400, seed=0):
     W = torch.randn(N, K, generator=g, dtype=torch.float64)
     E = W - fake_quantize_weight(W, 4)
     return E, X @ X.T, X
+
+
+@pytest.mark.parametrize("N,K,block", [(24, 40, 16), (4, 33, 16), (7, 256, 256), (5, 300, 128), (3, 9, 256)])
+def test_mm_lower_is_the_product_with_the_triangle(N, K, block):
+    """Column blocks that do not divide K, a single block, a block wider than K: each equals the
+    full product with the lower triangle."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(N, K, generator=g, dtype=torch.float64)
+    full = torch.randn(K, K, generator=g, dtype=torch.float64)
+    L = torch.tril(full)
+    expected = A @ L
+    got = mm_lower(A, L, block=block)
+    assert got.shape == (N, K) and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mm_lower_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="mm_lower"):
+        mm_lower(torch.zeros(3, 4), torch.zeros(5, 5))
 
 
 def test_whitened_error_is_the_tail_of_singular_values():
