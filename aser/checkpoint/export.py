@@ -19,10 +19,11 @@ part is written under ``.aser_state/adapter/``; finalize merges them into the on
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -325,7 +326,18 @@ def adapter_config(ranks: Mapping[str, int]) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
 
 
-def _write_adapter(dest: str, adapter_parts: Sequence[str]) -> None:
+def _text_record(text: str) -> FileRecord:
+    data = text.encode("utf-8")
+    return FileRecord(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _write_text(dest: str, name: str, text: str, written: dict[str, FileRecord]) -> None:
+    """Write ``name`` under ``dest`` atomically and record what was written."""
+    storage.write_text_atomic(storage.join(dest, name), text)
+    written[name] = _text_record(text)
+
+
+def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, FileRecord]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for part in sorted(adapter_parts):
         src = sio.open_file(storage.join(dest, part))
@@ -337,11 +349,10 @@ def _write_adapter(dest: str, adapter_parts: Sequence[str]) -> None:
         if key.endswith(".lora_A.weight"):
             module = key[len("base_model.model.") : -len(".lora_A.weight")]
             ranks[module] = int(t.shape[0])
-    sio.write_shard(storage.join(dest, ADAPTER_DIR, ADAPTER_WEIGHTS_NAME), tensors)
-    storage.write_text_atomic(
-        storage.join(dest, ADAPTER_DIR, ADAPTER_CONFIG_NAME),
-        json.dumps(adapter_config(ranks), indent=2, sort_keys=True) + "\n",
-    )
+    weights = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS_NAME}"
+    written[weights] = FileRecord(*sio.write_shard(storage.join(dest, weights), tensors))
+    _write_text(dest, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_NAME}",
+                json.dumps(adapter_config(ranks), indent=2, sort_keys=True) + "\n", written)
 
 
 @dataclass(frozen=True)
@@ -350,6 +361,9 @@ class FinalizeResult:
     num_tensors: int
     total_size_bytes: int
     copied: tuple[str, ...]
+    # Every file finalize wrote (config, copied files, adapter, index) by name under DEST: what
+    # the manifest records and ``aser verify`` checks.
+    files: dict[str, FileRecord] = field(default_factory=dict)
 
 
 def finalize(
@@ -385,19 +399,19 @@ def finalize(
                 weight_map[tname] = name
                 total += info.end - info.start
     source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
-    storage.write_text_atomic(
-        storage.join(dest, CONFIG_NAME),
-        json.dumps(output_config(source_config, fmt, group_size), indent=2, sort_keys=True) + "\n",
-    )
+    written: dict[str, FileRecord] = {}
+    _write_text(dest, CONFIG_NAME,
+                json.dumps(output_config(source_config, fmt, group_size), indent=2, sort_keys=True) + "\n", written)
     copied = []
     for name in COPIED_FILES:
         src = storage.join(source, name)
         if storage.exists(src):
-            storage.copy_small(src, storage.join(dest, name))
+            data = storage.read_bytes(src)
+            storage.write_bytes_atomic(storage.join(dest, name), data)
+            written[name] = FileRecord(hashlib.sha256(data).hexdigest(), len(data))
             copied.append(name)
-    _write_adapter(dest, adapter_parts)
+    _write_adapter(dest, adapter_parts, written)
 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    index_url = storage.join(dest, sio.INDEX_NAME)
-    storage.write_text_atomic(index_url, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return FinalizeResult(index_url, len(weight_map), total, tuple(copied))
+    _write_text(dest, sio.INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n", written)
+    return FinalizeResult(storage.join(dest, sio.INDEX_NAME), len(weight_map), total, tuple(copied), written)

@@ -13,6 +13,7 @@ all.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -103,6 +104,26 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
         return bytes(fs.cat_file(path, start=start, end=end))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{redact(url)} does not exist") from e
+
+
+# Bytes per read when hashing an object: one buffer of this size at a time, whatever its size.
+DIGEST_CHUNK = 8 << 20
+
+
+def sha256_and_size(url: str) -> tuple[str, int]:
+    """sha256 (hex) and size of the object, read once in ``DIGEST_CHUNK`` pieces (a 5 GB shard
+    never sits in memory whole)."""
+    fs, path = resolve(url)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with fs.open(path, "rb", block_size=DIGEST_CHUNK) as f:
+            while chunk := f.read(DIGEST_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{redact(url)} does not exist") from e
+    return h.hexdigest(), size
 
 
 def read_text(url: str) -> str:

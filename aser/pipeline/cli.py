@@ -131,7 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=40)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("verify", help="re-read a destination and check every file against its manifest "
+                                      "(sha256 and size); exit 1 on any mismatch")
+    v.add_argument("dest", help="what `aser quantize` wrote (path or URL)")
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_verify)
     return p
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from aser.checkpoint import storage
+    from aser.pipeline import verify
+
+    bar = tqdm(total=verify.total_recorded_bytes(a.dest), unit="B", unit_scale=True, desc="aser verify",
+               disable=a.no_progress or a.json, file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        report = verify.verify(a.dest, on_file=lambda _name, nbytes: bar.update(nbytes))
+    if a.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        for f in report.findings:
+            print(f"aser verify: {f.line()}", file=sys.stderr)
+        state = "OK" if report.ok else f"FAILED, {len(report.findings)} problem(s)"
+        print(f"{storage.redact(a.dest)}: {state}: {report.files_checked} files, "
+              f"{report.bytes_checked / 2**20:.1f} MiB checked against {verify.manifest.MANIFEST_NAME}")
+    return 0 if report.ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

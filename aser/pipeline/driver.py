@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from aser.checkpoint import export, storage
 from aser.checkpoint import state as run_state
-from aser.pipeline import manifest
+from aser.pipeline import manifest, verify
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig
 from aser.pipeline.memory import ModelShape, RunCost, estimate
@@ -360,6 +360,29 @@ def _init_ray(config: RunConfig) -> bool:
     return True
 
 
+def _forget_damaged(mf: manifest.Manifest, dest: str, when: str) -> list[int]:
+    """Drop the records of stages whose files no longer match them (so they are redone); returns
+    their indices. Reads every file the records name once (``verify.check_files``)."""
+    damaged = verify.damaged_layers(mf, dest)
+    for idx, findings in sorted(damaged.items()):
+        del mf.layers[idx]
+        f = findings[0]
+        print(f"[aser] {when}: {f.name} is {f.problem} ({f.detail}); its stage will be redone", file=sys.stderr)
+    return sorted(damaged)
+
+
+def refuse_damaged(mf: manifest.Manifest, dest: str) -> None:
+    """Before the index is written: every stage file must still be what was written. A stage that
+    is not is dropped from the manifest (saved) and the run stops; the rerun redoes it."""
+    damaged = _forget_damaged(mf, dest, "before finalize")
+    if damaged:
+        manifest.save_manifest(dest, mf)
+        raise PipelineError(
+            f"refusing to write the index: the files of {len(damaged)} stage(s) changed in "
+            f"{storage.redact(dest)} after they were written (above); rerun the same command to redo them"
+        )
+
+
 def _unwrap(e: BaseException) -> BaseException:
     """The user's exception inside (possibly nested) task errors: a failed collect fails the
     smoothing task that needs its statistics, which fails the writer."""
@@ -407,6 +430,9 @@ def run(
             )
         print(f"[aser] {storage.redact(config.dest)} is already complete; nothing to do", file=sys.stderr)
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
+    if existing is not None:
+        # A stage file deleted or changed behind the run's back is redone, not trusted.
+        _forget_damaged(existing, config.dest, "resuming")
     t_ray = time.perf_counter()
     if local and show_progress:
         print("[aser] starting a local Ray instance", file=sys.stderr)
@@ -467,6 +493,7 @@ def run(
         _maybe_kill(ctx, "finalize")
         parts = sorted({name for rec in mf.layers.values() for name in rec.files
                         if name.startswith(export.ADAPTER_PARTS_DIR)})
+        refuse_damaged(mf, config.dest)
         t_fin = time.perf_counter()
         if show_progress:
             print(f"[aser] finalize: merging {len(parts)} adapter parts, writing config and index", file=sys.stderr)
@@ -485,6 +512,7 @@ def run(
     _note_processes(ctx, [process_info("driver")])
     wall = time.perf_counter() - t0
     mf.summary.update(_summary(ctx, wall, time.perf_counter() - t_fin, fin))
+    mf.final_files = dict(fin.files)
     # Counted on the headers of what was written, so the figure cannot drift from what ships.
     mf.summary["extra"] = manifest.shipped_extra_cost(config.dest).to_dict()
     _save(ctx)

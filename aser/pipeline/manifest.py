@@ -81,6 +81,9 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
     # Run-level figures written at the end (peak RSS per process, seconds per stage, totals).
     summary: dict[str, Any] = field(default_factory=dict)
+    # The files finalize wrote (config, copied files, adapter, index), by name under DEST; the
+    # stage shards are in ``layers``. Empty until the run is complete.
+    final_files: dict[str, FileRecord] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -105,6 +108,7 @@ class Manifest:
                 versions=d["versions"],
                 layers=layers,
                 summary=dict(d.get("summary", {})),
+                final_files={k: FileRecord(**v) for k, v in d.get("final_files", {}).items()},
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ def _roundtrip(base: str) -> None:
     assert storage.read_bytes(url) == data
     assert storage.read_bytes(url, 10, 20) == data[10:20]
     assert storage.read_bytes(url, 1000, 1024) == data[1000:1024]
+    assert storage.sha256_and_size(url) == (hashlib.sha256(data).hexdigest(), len(data))
     storage.write_bytes_atomic(url, b"new")  # overwrite replaces whole
     assert storage.read_bytes(url) == b"new"
     storage.write_text_atomic(storage.join(base, "dir", "a.json"), "{}")
@@ -30,6 +32,8 @@ def _roundtrip(base: str) -> None:
     assert storage.list_dir(storage.join(base, "dir")) == []
     with pytest.raises(FileNotFoundError, match="blob.bin does not exist"):
         storage.read_bytes(url)
+    with pytest.raises(FileNotFoundError, match="blob.bin does not exist"):
+        storage.sha256_and_size(url)
 
 
 def test_local_path_and_file_url(tmp_path: Path) -> None:
@@ -65,3 +69,12 @@ def test_redact_drops_credentials() -> None:
 def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(storage.StorageError, match="nosuchproto://"):
         storage.exists("nosuchproto://x/y")
+
+
+def test_digest_reads_in_chunks_and_covers_every_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of 3.5 chunks: every chunk and the short tail go into the hash and the size."""
+    monkeypatch.setattr(storage, "DIGEST_CHUNK", 1000)
+    data = os.urandom(3500)
+    url = str(tmp_path / "blob.bin")
+    storage.write_bytes_atomic(url, data)
+    assert storage.sha256_and_size(url) == (hashlib.sha256(data).hexdigest(), 3500)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from aser.checkpoint import storage
 
-from aser.pipeline import data, driver, manifest
+from aser.pipeline import data, driver, manifest, verify
 from aser.checkpoint import safetensors_io as sio
 from pipeline_run_helpers import METHOD, NUM_SAMPLES, SEQ_LEN, output_files, run_config
 
@@ -267,7 +267,8 @@ def _killed(args: list[str], point: str, dest: Path) -> dict:
 
 
 def test_driver_killed_mid_run_and_at_finalize_resumes_to_the_same_bytes(
-    reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str]
+    reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     dest = tmp_path / "out"
     # States saved at every other boundary only (save_policy): killed after layer 2, the newest
@@ -284,9 +285,47 @@ def test_driver_killed_mid_run_and_at_finalize_resumes_to_the_same_bytes(
     assert {int(k) for k in mf["layers"]} == {-1, 0, 1, 2, 3, 4, 5}
     assert [(s["start"], s["restored"], s["forwarded_again"]) for s in mf["summary"]["starts"]] == [
         (0, 0, 0), (3, 2, 1)]
+    # Behind the run's back: one bit of a finished layer's shard flipped (its size unchanged).
+    # The check made before the index is written refuses it and drops that stage's record.
+    loaded = manifest.load_manifest(str(dest))
+    assert loaded is not None
+    driver.refuse_damaged(loaded, str(dest))  # intact: nothing to refuse
+    _flip_byte(dest / "model-00003-of-00007.safetensors")  # layer 1
+    with pytest.raises(driver.PipelineError, match=r"refusing to write the index: the files of 1 stage\(s\)"):
+        driver.refuse_damaged(loaded, str(dest))
+    recorded = manifest.load_manifest(str(dest))
+    assert recorded is not None and set(recorded.layers) == {-1, 0, 2, 3, 4, 5}
+    # A rerun redoes every layer from the first unfinished one (1); what lies before it (layer 0)
+    # or outside the loop (the head's copy) is trusted only if it still matches its record.
+    # Layer 0's adapter part, flipped after the rerun checked its files (the first check made
+    # blind): the rerun redoes layers 1-4, then refuses to finalize over layer 0.
+    part0 = next(n for n in recorded.layers[0].files if n.startswith(".aser_state/"))
+    _flip_byte(dest / part0)
+    checks: list[int] = []
+    real = verify.damaged_layers
+
+    def blind_first(mf: manifest.Manifest, d: str) -> dict:
+        checks.append(1)
+        return {} if len(checks) == 1 else real(mf, d)
+
+    monkeypatch.setattr(verify, "damaged_layers", blind_first)
+    with pytest.raises(driver.PipelineError, match="refusing to write the index"):
+        driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
+    monkeypatch.setattr(verify, "damaged_layers", real)
+    recorded = manifest.load_manifest(str(dest))
+    assert recorded is not None and set(recorded.layers) == {-1, 1, 2, 3, 4, 5}
+    # The head's copy changed before the next rerun: its own check redoes that copy.
+    head_shard = next(iter(recorded.layers[5].files))
+    _flip_byte(dest / head_shard)
     res = driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
     assert res.status == "complete"
     assert output_files(str(dest)) == reference
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit; the size, which the cheap check compares, unchanged
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 from aser.pipeline import manifest as mf
 from aser.checkpoint import state as run_state
 from aser.checkpoint import storage
+from aser.checkpoint.state import FileRecord
 from aser.pipeline.config import CalibConfig, RunConfig, WorkersConfig
 from aser.workers.reconstruct import MethodConfig
 
@@ -117,6 +118,7 @@ def test_json_is_canonical_and_redacts_the_source(tmp_path: Path) -> None:
     m = mf.new_manifest(RunConfig(source="s3://key:secret@src/m", dest=str(tmp_path)), FP, "cc")
     m.record_layer(mf.LayerRecord(index=2, status=mf.LAYER_DONE))
     m.summary = {"peak_rss_bytes": {"driver": 7}}
+    m.final_files = {"config.json": FileRecord("ab" * 32, 12)}
     text = m.to_json()
     d = json.loads(text)
     assert text == json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -126,6 +128,7 @@ def test_json_is_canonical_and_redacts_the_source(tmp_path: Path) -> None:
     assert list(d["layers"]) == ["2"]
     loaded = mf.Manifest.from_json(text)
     assert loaded.summary == m.summary and loaded.layers == m.layers
+    assert loaded.final_files == m.final_files
 
 
 def test_optional_fields_default_when_absent() -> None:
@@ -133,7 +136,7 @@ def test_optional_fields_default_when_absent() -> None:
     assert mf.LayerRecord.from_dict({"index": "3", "status": "done"}) == mf.LayerRecord(3, "done")
     m = mf.Manifest("a", {}, {}, None, {})
     d = json.loads(m.to_json())
-    del d["summary"]
+    del d["summary"], d["final_files"]
     assert mf.Manifest.from_json(json.dumps(d)) == m
 
 
