@@ -60,11 +60,13 @@ def main() -> None:
     out: dict[str, float] = {}
     with torch.no_grad():
         out["model_s_per_batch"] = seconds_per_call(lambda: model(ids, use_cache=False), a.reps)
+        out["model_without_head_s_per_batch"] = seconds_per_call(lambda: model.model(ids, use_cache=False), a.reps)
         out["plain_s_per_batch"] = seconds_per_call(forward, a.reps)
         attach_stat_hooks(layer, groups_for(config))
         out["with_statistics_hooks_s_per_batch"] = seconds_per_call(forward, a.reps)
     L = config.num_hidden_layers
     out["floor_ratio"] = L * out["with_statistics_hooks_s_per_batch"] / out["model_s_per_batch"]
+    out["head_share_of_model"] = 1.0 - out["model_without_head_s_per_batch"] / out["model_s_per_batch"]
     print(json.dumps({"threads": a.threads, "batch": f"{FORWARD_BATCH_SIZE} x 512", "layers": L, **out}))
 
 
