@@ -16,7 +16,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save as _st_save
@@ -72,6 +72,7 @@ class ShardHeader:
     header_sha256: str
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    version: dict[str, str] = field(default_factory=dict)  # storage.stat's: ETag, mtime, ...
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,14 @@ class SourceIndex:
         return sorted(n for n in self.tensors if n.startswith(prefix))
 
     def fingerprint(self) -> dict[str, object]:
-        """Hashes of the index and every header plus sizes: changes if any tensor moves or is
-        resized or retyped, without reading the tensor data."""
+        """Hashes of the index and every header, sizes, and each shard's version as its store
+        reports it (``storage.stat``): changes if any tensor moves or is resized or retyped, and
+        if a shard is replaced by one with the same layout but other values (another fine-tune of
+        the architecture, an in-place re-upload), without reading the tensor data."""
         return {
             "index_sha256": self.index_sha256,
             "shards": {
-                name: {"size_bytes": s.size_bytes, "header_sha256": s.header_sha256}
+                name: {"size_bytes": s.size_bytes, "header_sha256": s.header_sha256, "version": s.version}
                 for name, s in sorted(self.shards.items())
             },
         }
@@ -101,9 +104,10 @@ class SourceIndex:
 def read_header(url: str, file: str) -> ShardHeader:
     """Parse the header of one safetensors file at ``url`` (named ``file`` in the index)."""
     shown = storage.redact(url)
-    if not storage.exists(url):
-        raise SafetensorsError(f"shard {shown} is missing")
-    size = storage.size_bytes(url)
+    try:
+        size, version = storage.stat(url)
+    except FileNotFoundError as e:
+        raise SafetensorsError(f"shard {shown} is missing") from e
     if size < 8:
         raise SafetensorsError(f"{shown} is truncated: {size} bytes, no header length")
     (n,) = struct.unpack("<Q", storage.read_bytes(url, 0, 8))
@@ -135,7 +139,7 @@ def read_header(url: str, file: str) -> ShardHeader:
                 f"inconsistent with its size or the file size {size} (truncated file?)"
             )
         tensors[name] = TensorInfo(name, file, dtype, tuple(shape), data_start + begin, data_start + end)
-    return ShardHeader(file, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata))
+    return ShardHeader(file, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata), version)
 
 
 def open_source(url: str) -> SourceIndex:

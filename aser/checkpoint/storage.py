@@ -79,6 +79,29 @@ def size_bytes(url: str) -> int:
         raise FileNotFoundError(f"{redact(url)} does not exist") from e
 
 
+# What an object store's metadata says about an object's content version, under the names each
+# fsspec implementation gives them (s3fs: ETag/VersionId; gcsfs: etag/generation; adlfs:
+# etag/version_id), recorded under the lower-case name.
+_VERSION_KEYS = {"ETag": "etag", "etag": "etag", "VersionId": "version_id", "version_id": "version_id",
+                 "generation": "generation"}
+
+
+def stat(url: str) -> tuple[int, dict[str, str]]:
+    """(size, version) of the object in one metadata request. The version is what the store says
+    changes when the content is replaced (the ETag, a version id or generation; for a local file
+    its modification time in ns); {} where the store says nothing (``memory://``, plain HTTP)."""
+    fs, path = resolve(url)
+    try:
+        if _is_local(fs):
+            st = os.stat(path)
+            return st.st_size, {"mtime_ns": str(st.st_mtime_ns)}
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{redact(url)} does not exist") from e
+    version = {_VERSION_KEYS[k]: str(v).strip('"') for k, v in info.items() if k in _VERSION_KEYS and v}
+    return int(info["size"]), version
+
+
 def list_dir(url: str) -> list[str]:
     """Names (not paths) of the entries directly under ``url``, sorted; [] if it is absent."""
     fs, path = resolve(url)

@@ -7,6 +7,7 @@ layer needs is in the source. The driver holds this object and nothing larger.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,10 @@ class Plan:
 
     @property
     def fingerprint(self) -> dict[str, object]:
-        return self.index.fingerprint()
+        """The tensors' fingerprint (``SourceIndex.fingerprint``) and the config's content: a
+        changed ``rope_theta`` changes every layer's numbers as surely as a changed tensor."""
+        canonical = json.dumps(self.config_dict, sort_keys=True, separators=(",", ":")).encode()
+        return {**self.index.fingerprint(), "config_sha256": hashlib.sha256(canonical).hexdigest()}
 
     @property
     def hidden_size(self) -> int:

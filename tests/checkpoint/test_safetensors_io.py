@@ -92,6 +92,20 @@ def test_fingerprint_changes_with_header_not_equal_data(tmp_path: Path) -> None:
     assert sio.open_source(str(tmp_path / "b")).fingerprint() != fp
 
 
+def test_fingerprint_changes_when_a_shard_is_replaced_by_one_of_the_same_layout(tmp_path: Path) -> None:
+    # Another fine-tune of the same architecture copied over the source: index, headers and
+    # sizes all equal; only the store's version of the shard (here its mtime) tells.
+    t = _tensors()
+    _write_sharded(tmp_path, t)
+    before = sio.open_source(str(tmp_path))
+    t["model.layers.0.a.weight"] = t["model.layers.0.a.weight"] + 1
+    _write_sharded(tmp_path, t)
+    after = sio.open_source(str(tmp_path))
+    changed = [n for n in before.shards if before.shards[n].version != after.shards[n].version]
+    assert changed and all(before.shards[n].header_sha256 == after.shards[n].header_sha256 for n in before.shards)
+    assert before.fingerprint() != after.fingerprint()
+
+
 def test_missing_shard_is_named(tmp_path: Path) -> None:
     _write_sharded(tmp_path, _tensors())
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
@@ -168,7 +182,8 @@ def test_fingerprint_is_the_index_hash_and_each_header_hash(tmp_path: Path) -> N
     for f in sorted(tmp_path.glob("model-*.safetensors")):
         raw = f.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
-        shards[f.name] = {"size_bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest()}
+        shards[f.name] = {"size_bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest(),
+                          "version": {"mtime_ns": str(f.stat().st_mtime_ns)}}
     index_sha = hashlib.sha256((tmp_path / sio.INDEX_NAME).read_bytes()).hexdigest()
     assert sio.open_source(str(tmp_path)).fingerprint() == {"index_sha256": index_sha, "shards": shards}
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from aser.checkpoint import storage
 
 from aser.pipeline import data, driver, manifest, verify
+from aser.pipeline import plan as plan_mod
 from aser.checkpoint import safetensors_io as sio
 from pipeline_run_helpers import METHOD, NUM_SAMPLES, SEQ_LEN, output_files, run_config
 
@@ -326,6 +327,34 @@ def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit; the size, which the cheap check compares, unchanged
     path.write_bytes(bytes(data))
+
+
+def test_source_replaced_in_place_is_refused_and_dest_left_alone(tmp_path: Path, paths: dict[str, str]) -> None:
+    # Another fine-tune of the same architecture (or an in-place re-upload) over a started run's
+    # source: same config, index, headers and sizes; only the values differ.
+    src = tmp_path / "src"
+    shutil.copytree(paths["source"], src)
+    dest = tmp_path / "out"
+    cfg = run_config(str(src), str(dest), paths["calib"])
+    manifest.save_manifest(str(dest), manifest.new_manifest(cfg, plan_mod.make_plan(cfg).fingerprint, None))
+    before = (dest / "aser_manifest.json").read_bytes()
+    _flip_byte(src / "model.safetensors")  # a value in the data, after the header
+    with pytest.raises(manifest.ManifestError, match=r"the source changed .*\(shards\.model\.safetensors\.version"):
+        driver.run(cfg, show_progress=False)
+    assert [p.name for p in dest.iterdir()] == ["aser_manifest.json"]
+    assert (dest / "aser_manifest.json").read_bytes() == before
+
+
+def test_source_config_changed_is_refused(tmp_path: Path, paths: dict[str, str]) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(paths["source"], src)
+    cfg = run_config(str(src), str(tmp_path / "out"), paths["calib"])
+    started = manifest.new_manifest(cfg, plan_mod.make_plan(cfg).fingerprint, None)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_theta"] = 2 * float(config.get("rope_theta", 10000.0))  # every layer's numbers change
+    (src / "config.json").write_text(json.dumps(config, indent=1))
+    with pytest.raises(manifest.ManifestError, match=r"the source changed since this destination was started \(config_sha256 differ\)"):
+        manifest.check_compatible(started, cfg, plan_mod.make_plan(cfg).fingerprint, None)
 
 
 @pytest.mark.slow
