@@ -123,6 +123,8 @@ def read_header(url: str, file: str) -> ShardHeader:
     if not isinstance(header, dict):
         raise SafetensorsError(f"{shown} has a corrupt header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{shown} has a corrupt header: __metadata__ is not a JSON object")
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -130,7 +132,11 @@ def read_header(url: str, file: str) -> ShardHeader:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise SafetensorsError(f"{shown}: corrupt header entry for tensor {name}") from e
-        if dtype not in DTYPES:
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and type(begin) is int and type(end) is int):
+            raise SafetensorsError(f"{shown}: tensor {name} has a malformed shape {shape!r} or data offsets "
+                                   f"{entry['data_offsets']!r} (corrupt header)")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SafetensorsError(f"{shown}: tensor {name} has unsupported dtype {dtype}")
         nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
         if end - begin != nbytes or begin < 0 or data_start + end > size:
@@ -139,7 +145,22 @@ def read_header(url: str, file: str) -> ShardHeader:
                 f"inconsistent with its size or the file size {size} (truncated file?)"
             )
         tensors[name] = TensorInfo(name, file, dtype, tuple(shape), data_start + begin, data_start + end)
+    _check_layout(shown, tensors, data_start, size)
     return ShardHeader(file, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata), version)
+
+
+def _check_layout(shown: str, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The data section as the reference library requires it (``safetensors``' metadata
+    validation): the tensors, in offset order, tile it exactly — no overlap, no gap, nothing
+    after the last. A header that lies about where a tensor is cannot be read past."""
+    pos = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != pos:
+            what = "overlaps the previous tensor" if info.start < pos else f"leaves a gap of {info.start - pos} bytes"
+            raise SafetensorsError(f"{shown}: tensor {info.name}'s data offsets {what} (corrupt header)")
+        pos = info.end
+    if pos != size:
+        raise SafetensorsError(f"{shown}: {size - pos} bytes after the last tensor's data (corrupt header or file)")
 
 
 def open_source(url: str) -> SourceIndex:
@@ -150,8 +171,12 @@ def open_source(url: str) -> SourceIndex:
         raw = storage.read_bytes(index_url)
         try:
             weight_map = json.loads(raw)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: {e!r}") from e
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v and "/" not in v and v != ".."
+                                                     for v in weight_map.values())):
+            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: weight_map must map "
+                                   "tensor names to shard file names")
         index_sha: str | None = hashlib.sha256(raw).hexdigest()
     elif storage.exists(storage.join(url, SINGLE_NAME)):
         weight_map, index_sha = None, None

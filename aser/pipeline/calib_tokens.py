@@ -30,16 +30,27 @@ def _is_local(url: str) -> bool:
 
 
 def load_tokenizer(source_url: str) -> Any:
+    """The source's tokenizer; a data.DataError naming the source and the files found when
+    transformers cannot build it (it raises half a dozen exception types, some multi-line)."""
     from transformers import AutoTokenizer
 
-    if _is_local(source_url):
-        return AutoTokenizer.from_pretrained(source_url.removeprefix("file://"))
-    with tempfile.TemporaryDirectory(prefix="aser-tok-") as tmp:
-        for name in TOKENIZER_FILES:
-            url = storage.join(source_url, name)
-            if storage.exists(url):
-                (Path(tmp) / name).write_bytes(storage.read_bytes(url))
-        return AutoTokenizer.from_pretrained(tmp)
+    try:
+        if _is_local(source_url):
+            return AutoTokenizer.from_pretrained(source_url.removeprefix("file://"))
+        with tempfile.TemporaryDirectory(prefix="aser-tok-") as tmp:
+            for name in TOKENIZER_FILES:
+                url = storage.join(source_url, name)
+                if storage.exists(url):
+                    (Path(tmp) / name).write_bytes(storage.read_bytes(url))
+            return AutoTokenizer.from_pretrained(tmp)
+    except Exception as e:  # noqa: BLE001 - every failure of the library becomes one message
+        found = [n for n in TOKENIZER_FILES if n not in ("config.json", "generation_config.json")
+                 and storage.exists(storage.join(source_url, n))]
+        cause = " ".join(str(e).split())[:300] or type(e).__name__
+        raise data.DataError(
+            f"cannot load the tokenizer of {storage.redact(source_url)} (tokenizer files found: "
+            f"{', '.join(found) or 'none'}): {cause}"
+        ) from e
 
 
 def calibration_tokens(config: RunConfig, source_url: str, source_size_bytes: int) -> tuple[torch.Tensor, str]:

@@ -224,6 +224,22 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
     return actors, start
 
 
+def _settle(refs: list[Any]) -> None:
+    """After a failure: cancel the tasks still running and fetch every result, discarding
+    errors. An error object dropped unfetched makes Ray print its traceback later ("Unhandled
+    error") under the one-line error the user is given."""
+    for ref in refs:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - an actor task or a finished one: nothing to cancel
+            pass
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - the failure being reported is the first one
+            pass
+
+
 def _run_layers(ctx: _Ctx, attempt: int) -> None:
     plan, cfg, fns = ctx.plan, ctx.config, ctx.fns
     L = plan.num_layers
@@ -237,14 +253,24 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
             plan.source_url, ctx.dest, L + 1, L, list(plan.head_names), cfg.shard_size_bytes)))
     todo = [i for i in range(L) if i not in done]
     if todo:
-        t0 = time.perf_counter()
-        actors, start = _start_workers(ctx, todo[0], attempt)
-        ctx.overhead_s["start_workers"] = ctx.overhead_s.get("start_workers", 0.0) + time.perf_counter() - t0
+        unsettled: list[Any] = []
         try:
-            _layer_loop(ctx, actors, start)
-        finally:
-            for a in actors:
-                ray.kill(a)
+            t0 = time.perf_counter()
+            actors, start = _start_workers(ctx, todo[0], attempt)
+            ctx.overhead_s["start_workers"] = ctx.overhead_s.get("start_workers", 0.0) + time.perf_counter() - t0
+            try:
+                _layer_loop(ctx, actors, start, unsettled)
+            finally:
+                # Before settling: the actors' running tasks then fail at once, not waited for.
+                for a in actors:
+                    ray.kill(a)
+        except Exception:
+            _settle(unsettled + [ref for _, ref in copies])
+            # Every task downstream of the failed one holds a copy of its error, and Ray prints
+            # each, traceback and all, as its reference is freed ("Unhandled error"); the error
+            # raised here is the one to report. Ray reads this variable when it prints.
+            os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+            raise
     for index, ref in copies:
         _record_copy(ctx, index, ray.get(ref))
     _maybe_kill(ctx, "copies")
@@ -260,7 +286,18 @@ def submit_smooth(smooth: Any, n_out: int, config_dict: dict[str, Any], layer: i
         config_dict, layer, method, *loaded, [c[0] for c in collected], *[c[1] for c in collected])
 
 
-def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
+def _layer_loop(ctx: _Ctx, actors: list[Any], start: int, unsettled: list[Any]) -> None:
+    """Layers ``start``..L-1 through the pipeline. On an error, ``unsettled`` holds the results
+    still in flight (for ``_settle``)."""
+    pending: list[_Pending] = []
+    try:
+        _layer_loop_inner(ctx, actors, start, pending)
+    except Exception:
+        unsettled += [ref for p in pending for ref in (p.writer, *p.collect_infos, *p.advance_infos)]
+        raise
+
+
+def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_Pending]) -> None:
     plan, cfg, fns = ctx.plan, ctx.config, ctx.fns
     L = plan.num_layers
     fmt, gs = cfg.output_format, cfg.method.group_size
@@ -268,7 +305,6 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
     group_of = layer_tasks.linear_group_index(plan.config_dict)
     n_groups = n_out - 1 - len(group_of)
     linear_names = list(plan.linear_names)
-    pending: list[_Pending] = []
     use_gpu = ctx.resources.reconstruct_gpus > 0
     for i in range(start, L):
         # The layer is read from storage once; its object goes to every worker and the smoothing.
@@ -294,9 +330,11 @@ def _layer_loop(ctx: _Ctx, actors: list[Any], start: int) -> None:
         while pending and (
             len(pending) > MAX_INFLIGHT_LAYERS or not ray.wait([pending[0].writer], timeout=0)[1]
         ):
-            _record_layer(ctx, pending.pop(0))
+            _record_layer(ctx, pending[0])
+            pending.pop(0)
     while pending:
-        _record_layer(ctx, pending.pop(0))
+        _record_layer(ctx, pending[0])
+        pending.pop(0)
 
 
 def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:

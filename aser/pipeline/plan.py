@@ -18,7 +18,7 @@ from aser.pipeline import sources
 from aser.pipeline.config import RunConfig
 from aser.checkpoint.layers import layer_prefix
 from aser.workers.arch import groups_for
-from aser.workers.calibration import EMBED_WEIGHT, expected_layer_tensors, hf_config
+from aser.workers.calibration import EMBED_WEIGHT, expected_layer_shapes, hf_config
 
 CONFIG_NAME = "config.json"
 
@@ -49,6 +49,36 @@ class Plan:
         return int(self.config_dict["hidden_size"])
 
 
+# Buffers older checkpoints saved in each layer and transformers recomputes: not carried.
+STALE_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors outside the decoder layers whose shape config.json fixes (when the source has them).
+HEAD_WEIGHT = "lm_head.weight"
+NORM_WEIGHT = "model.norm.weight"
+
+
+def _check_tensor(info: sio.TensorInfo, shape: tuple[int, ...], source_url: str) -> None:
+    """A tensor the run computes with: floating point, and the shape config.json implies."""
+    where = f"{info.file} in {storage.redact(source_url)}"
+    if not sio.DTYPES[info.dtype].is_floating_point:
+        raise PlanError(f"tensor {info.name} in {where} is {info.dtype}, not a floating-point type")
+    if info.shape != shape:
+        raise PlanError(f"tensor {info.name} in {where} has shape {list(info.shape)}; config.json implies {list(shape)}")
+
+
+def _check_architectures(config_dict: dict[str, Any], config_url: str) -> None:
+    """``architectures``, when given, must name the causal-LM class transformers maps the
+    ``model_type`` to: a config whose two fields disagree is not one this run can trust."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs, model_type = config_dict.get("architectures"), config_dict.get("model_type")
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if archs is None or expected is None:
+        return  # no claim to check; an unknown model_type is named by hf_config
+    if not isinstance(archs, list) or expected not in archs:
+        raise PlanError(f"{storage.redact(config_url)}: architectures {archs!r} does not name {expected}, "
+                        f"the causal LM of model_type {model_type!r}")
+
+
 def make_plan(config: RunConfig) -> Plan:
     try:
         source_url = sources.resolve_source(config.source)
@@ -59,6 +89,9 @@ def make_plan(config: RunConfig) -> Plan:
         config_dict = json.loads(storage.read_text(config_url))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"cannot read {storage.redact(config_url)}: {e}") from e
+    if not isinstance(config_dict, dict):
+        raise PlanError(f"{storage.redact(config_url)} is not a JSON object")
+    _check_architectures(config_dict, config_url)
     if "quantization_config" in config_dict:
         raise PlanError(f"{storage.redact(source_url)} is already quantized (config.json has quantization_config)")
     hf = hf_config(config_dict)  # UnsupportedArchitecture (a ValueError) names the model_type
@@ -68,13 +101,28 @@ def make_plan(config: RunConfig) -> Plan:
     layer_names: set[str] = set()
     for i in range(num_layers):
         prefix = layer_prefix(i)
-        for rel in expected_layer_tensors(hf, i):
+        expected = expected_layer_shapes(hf, i)
+        for rel, shape in expected.items():
             name = prefix + rel
             if name not in index.tensors:
                 raise PlanError(f"tensor {name} (layer {i}) is not in the source {storage.redact(source_url)}")
+            _check_tensor(index.tensors[name], shape, source_url)
             layer_names.add(name)
+        # A tensor the layer class does not hold means another architecture (variant) than
+        # config.json says; dropping it would write a different model. Stale rotary buffers are
+        # the known exception.
+        for name in index.names_with_prefix(prefix):
+            if name not in layer_names and not name.endswith(STALE_BUFFER_SUFFIXES):
+                info = index.tensors[name]
+                raise PlanError(f"tensor {name} in {info.file} in {storage.redact(source_url)} is not a tensor of "
+                                f"layer {i} as config.json's {type(hf).__name__.removesuffix('Config')} defines it")
     if EMBED_WEIGHT not in index.tensors:
         raise PlanError(f"tensor {EMBED_WEIGHT} is not in the source {storage.redact(source_url)}")
+    vocab, hidden = int(hf.vocab_size), int(hf.hidden_size)
+    _check_tensor(index.tensors[EMBED_WEIGHT], (vocab, hidden), source_url)
+    for name, shape in ((HEAD_WEIGHT, (vocab, hidden)), (NORM_WEIGHT, (hidden,))):
+        if name in index.tensors:
+            _check_tensor(index.tensors[name], shape, source_url)
     embed = tuple(sorted(n for n in index.tensors if n.startswith("model.embed_tokens.")))
     # Tensors of layers >= num_hidden_layers or stale buffers (rotary inv_freq) are not carried.
     head = tuple(

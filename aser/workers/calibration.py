@@ -51,7 +51,13 @@ def hf_config(config_dict: Mapping[str, Any]) -> PretrainedConfig:
 
 def expected_layer_tensors(config: PretrainedConfig, layer_idx: int) -> list[str]:
     """Relative names of the tensors decoder layer ``layer_idx`` holds (built on meta: free)."""
-    return sorted(layer_io.meta_layer(config, layer_idx).state_dict())
+    return sorted(expected_layer_shapes(config, layer_idx))
+
+
+def expected_layer_shapes(config: PretrainedConfig, layer_idx: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each tensor of decoder layer ``layer_idx`` by relative name, as transformers'
+    own layer class for ``config`` holds it (built on meta: free)."""
+    return {n: tuple(t.shape) for n, t in layer_io.meta_layer(config, layer_idx).state_dict().items()}
 
 
 def compute_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
