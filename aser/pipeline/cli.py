@@ -99,6 +99,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aser", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="on an error, show its traceback instead of one line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("simulate", help="apply a method in memory (fake quantization) and report perplexity")
@@ -168,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(a.func(a))
     except ValueError as e:  # configuration and input errors: one line, no traceback
+        if a.debug:
+            raise
         print(f"aser: error: {e}", file=sys.stderr)
         return 2
 

@@ -78,3 +78,10 @@ def test_the_real_process_prints_one_line(stories_dir: Path, data_dir: Path, tmp
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("aser: error: "), proc.stderr[-3000:]
     assert re.search(CASES["offsets-overlap"].expected, proc.stderr)
+
+
+def test_debug_shows_the_traceback(stories_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    src = copy_checkpoint(stories_dir, tmp_path / "src")
+    CASES["dtype-unknown"].damage(src)
+    with pytest.raises(ValueError, match="unsupported dtype F12"):
+        cli.main(["--debug", *_args(src, tmp_path / "out", str(data_dir / "tinystories" / "sample.txt"))])
