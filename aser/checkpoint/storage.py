@@ -41,8 +41,22 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
 
 
+class CredentialsInURL(ValueError):
+    """A URL carrying a password: refused before anything could record or print it."""
+
+
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
-    """(file system, path within it) for a URL or local path."""
+    """(file system, path within it) for a URL or local path.
+
+    A URL with a ``user:password@`` part is refused: s3fs, gcsfs and adlfs do not read
+    credentials from it (they would take it for the bucket's name and echo it in their errors),
+    and a URL is what Ray's job list, shell histories and schedulers record."""
+    if _SCHEME.match(url) and ":" in urlsplit(url).netloc.rpartition("@")[0]:
+        raise CredentialsInURL(
+            f"{redact(url)}: credentials in the URL are not accepted (they end up in job lists and "
+            "logs); give them through the provider's standard chain, e.g. AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or a profile"
+        )
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:

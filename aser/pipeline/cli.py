@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return int(a.func(a))
-    except ValueError as e:  # configuration and input errors: one line, no traceback
+    except (ValueError, OSError) as e:  # configuration, input and storage errors: one line, no traceback
         if a.debug:
             raise
         print(f"aser: error: {e}", file=sys.stderr)
