@@ -172,7 +172,7 @@ def open_source(url: str) -> SourceIndex:
         try:
             weight_map = json.loads(raw)["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: {e!r}") from e
+            raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: {e}") from e
         if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v and "/" not in v and v != ".."
                                                      for v in weight_map.values())):
             raise SafetensorsError(f"{storage.redact(index_url)} is not a valid index: weight_map must map "
@@ -252,11 +252,11 @@ def read_tensors(source: SourceIndex, names: Iterable[str]) -> dict[str, torch.T
                 blob = memoryview(storage.read_bytes(url, lo, hi))
             except FileNotFoundError as e:
                 raise SafetensorsError(f"shard {storage.redact(url)} is missing") from e
-            if len(blob) != hi - lo:
+            except storage.ShortRead as e:
                 raise SafetensorsError(
                     f"shard {storage.redact(url)} is truncated: reading {run[0].name} got "
-                    f"{len(blob)} of {hi - lo} bytes"
-                )
+                    f"{e.got} of {hi - lo} bytes"
+                ) from e
             for info in run:
                 t = _decode(info, blob[info.start - lo : info.end - lo])
                 _check_finite(info, t, url)

@@ -41,6 +41,14 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
 
 
+class ShortRead(StorageError):
+    """A range read returned fewer bytes than asked for."""
+
+    def __init__(self, message: str, got: int) -> None:
+        super().__init__(message)
+        self.got = got
+
+
 class CredentialsInURL(ValueError):
     """A URL carrying a password: refused before anything could record or print it."""
 
@@ -103,12 +111,14 @@ _VERSION_KEYS = {"ETag": "etag", "etag": "etag", "VersionId": "version_id", "ver
 def stat(url: str) -> tuple[int, dict[str, str]]:
     """(size, version) of the object in one metadata request. The version is what the store says
     changes when the content is replaced (the ETag, a version id or generation; for a local file
-    its modification time in ns); {} where the store says nothing (``memory://``, plain HTTP)."""
+    its inode and modification time: a file replaced by another has a new inode, one rewritten
+    in place a new mtime unless within the filesystem's timestamp tick, a few ms); {} where the
+    store says nothing (``memory://``, plain HTTP)."""
     fs, path = resolve(url)
     try:
         if _is_local(fs):
             st = os.stat(path)
-            return st.st_size, {"mtime_ns": str(st.st_mtime_ns)}
+            return st.st_size, {"inode": str(st.st_ino), "mtime_ns": str(st.st_mtime_ns)}
         info = fs.info(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{redact(url)} does not exist") from e
@@ -138,9 +148,15 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
     try:
         if start is None and end is None:
             return bytes(fs.cat_file(path))
-        return bytes(fs.cat_file(path, start=start, end=end))
+        data = bytes(fs.cat_file(path, start=start, end=end))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{redact(url)} does not exist") from e
+    if start is not None and end is not None and len(data) != end - start:
+        # A body cut short under a Content-Length that says the same (a proxy, a broken
+        # server): never handed on as if it were the range.
+        raise ShortRead(f"{redact(url)}: asked for bytes [{start}, {end}), got {len(data)}; "
+                        "the object changed or the store returned a short body", len(data))
+    return data
 
 
 # Bytes per read when hashing an object: one buffer of this size at a time, whatever its size.

@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 import uuid
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_fingerprint_changes_when_a_shard_is_replaced_by_one_of_the_same_layout(
     _write_sharded(tmp_path, t)
     before = sio.open_source(str(tmp_path))
     t["model.layers.0.a.weight"] = t["model.layers.0.a.weight"] + 1
+    # Rewritten in place (same inode): only the mtime tells, so the rewrite must come after the
+    # filesystem's timestamp tick (a few ms; a real copy of a model takes longer).
+    time.sleep(0.05)
     _write_sharded(tmp_path, t)
     after = sio.open_source(str(tmp_path))
     changed = [n for n in before.shards if before.shards[n].version != after.shards[n].version]
@@ -183,7 +187,7 @@ def test_fingerprint_is_the_index_hash_and_each_header_hash(tmp_path: Path) -> N
         raw = f.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
         shards[f.name] = {"size_bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest(),
-                          "version": {"mtime_ns": str(f.stat().st_mtime_ns)}}
+                          "version": {"inode": str(f.stat().st_ino), "mtime_ns": str(f.stat().st_mtime_ns)}}
     index_sha = hashlib.sha256((tmp_path / sio.INDEX_NAME).read_bytes()).hexdigest()
     assert sio.open_source(str(tmp_path)).fingerprint() == {"index_sha256": index_sha, "shards": shards}
 
