@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from aser.checkpoint import export, storage
 from aser.checkpoint import state as run_state
@@ -514,7 +514,10 @@ def run(
             try:
                 _run_layers(ctx, attempt)
                 break
-            except RayActorError as e:
+            except (RayActorError, ObjectLostError) as e:
+                # A dead worker, or a result lost with its node (a node removed mid-run: seen in
+                # benchmarks/chaos.py as OBJECT_UNRECONSTRUCTABLE): both mean new workers from
+                # the last finished layer.
                 if getattr(e, "actor_init_failed", False):
                     # An error in the worker's constructor (unreadable source, no credentials)
                     # is not a crash: new workers would fail the same way.
@@ -525,8 +528,8 @@ def run(
                         "same command to resume from the last finished layer"
                     ) from e
                 ctx.recoveries.append({"attempt": attempt, "error": f"{type(e).__name__}: {e}"[:500]})
-                print(f"\n[aser] a calibration worker died ({type(e).__name__}); resuming at the last "
-                      "finished layer with new workers", file=sys.stderr)
+                print(f"\n[aser] a calibration worker or an intermediate result was lost ({type(e).__name__}); "
+                      "resuming at the last finished layer with new workers", file=sys.stderr)
         bar.close()
         _maybe_kill(ctx, "finalize")
         parts = sorted({name for rec in mf.layers.values() for name in rec.files
