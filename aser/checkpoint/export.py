@@ -326,15 +326,14 @@ def adapter_config(ranks: Mapping[str, int]) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
 
 
-def _text_record(text: str) -> FileRecord:
-    data = text.encode("utf-8")
-    return FileRecord(hashlib.sha256(data).hexdigest(), len(data))
+def _write_bytes(dest: str, name: str, data: bytes, written: dict[str, FileRecord]) -> None:
+    """Write ``name`` under ``dest`` atomically and record what was written."""
+    storage.write_bytes_atomic(storage.join(dest, name), data)
+    written[name] = FileRecord(hashlib.sha256(data).hexdigest(), len(data))
 
 
 def _write_text(dest: str, name: str, text: str, written: dict[str, FileRecord]) -> None:
-    """Write ``name`` under ``dest`` atomically and record what was written."""
-    storage.write_text_atomic(storage.join(dest, name), text)
-    written[name] = _text_record(text)
+    _write_bytes(dest, name, text.encode("utf-8"), written)
 
 
 def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, FileRecord]) -> None:
@@ -406,9 +405,7 @@ def finalize(
     for name in COPIED_FILES:
         src = storage.join(source, name)
         if storage.exists(src):
-            data = storage.read_bytes(src)
-            storage.write_bytes_atomic(storage.join(dest, name), data)
-            written[name] = FileRecord(hashlib.sha256(data).hexdigest(), len(data))
+            _write_bytes(dest, name, storage.read_bytes(src), written)
             copied.append(name)
     _write_adapter(dest, adapter_parts, written)
 

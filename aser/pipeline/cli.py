@@ -148,10 +148,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from aser.checkpoint import storage
     from aser.pipeline import verify
 
-    bar = tqdm(total=verify.total_recorded_bytes(a.dest), unit="B", unit_scale=True, desc="aser verify",
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="aser verify",
                disable=a.no_progress or a.json, file=sys.stderr, dynamic_ncols=True)
+
+    def set_total(nbytes: int) -> None:
+        bar.total = nbytes
+        bar.refresh()
+
     with bar:
-        report = verify.verify(a.dest, on_file=lambda _name, nbytes: bar.update(nbytes))
+        report = verify.verify(a.dest, on_file=lambda _name, nbytes: bar.update(nbytes), on_total=set_total)
     if a.json:
         print(json.dumps(report.to_dict()))
     else:

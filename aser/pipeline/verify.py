@@ -125,8 +125,10 @@ def damaged_layers(mf: manifest.Manifest, dest: str) -> dict[int, list[Finding]]
     return out
 
 
-def verify(dest: str, on_file: Callable[[str, int], None] | None = None) -> VerifyReport:
-    """Check DEST against its manifest. on_file(name, bytes): called as each file is done.
+def verify(dest: str, on_file: Callable[[str, int], None] | None = None,
+           on_total: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check DEST against its manifest. on_total(bytes): called once with the bytes about to be
+    read (for a progress bar); on_file(name, bytes): as each file is done.
 
     Raises VerifyError when there is nothing to check against (no manifest, a corrupt one)."""
     try:
@@ -142,6 +144,8 @@ def verify(dest: str, on_file: Callable[[str, int], None] | None = None) -> Veri
         report.findings.append(Finding(manifest.MANIFEST_NAME, "incomplete",
                                        "the run has not finished; rerun the same `aser quantize` command to complete it"))
     files = recorded_files(mf)
+    if on_total is not None:
+        on_total(sum(f.size_bytes for f in files.values()))
     findings, report.bytes_checked = check_files(dest, files, on_file)
     report.files_checked = len(files)
     report.findings += findings
@@ -149,11 +153,3 @@ def verify(dest: str, on_file: Callable[[str, int], None] | None = None) -> Veri
         report.findings += _index_findings(dest, files)
     return report
 
-
-def total_recorded_bytes(dest: str) -> int:
-    """Bytes ``verify`` will read (for a progress bar); 0 without a readable manifest."""
-    try:
-        mf = manifest.load_manifest(dest)
-    except (manifest.ManifestError, OSError):
-        return 0
-    return 0 if mf is None else sum(f.size_bytes for f in recorded_files(mf).values())
