@@ -206,6 +206,39 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     fs.invalidate_cache(path)
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` to ``url`` only if nothing is there; True if this call created it, False
+    if the object already existed. Atomic where the store has a conditional write: a local file
+    is written under a temporary name and hard-linked to the target (``link`` fails if the
+    target exists); S3 and S3-compatible stores get a PUT with ``If-None-Match: *`` (s3fs's
+    ``mode="create"``), which the store refuses with 412 if the key exists. Other fsspec
+    stores get their implementation's ``mode="create"``, exclusive only if theirs is."""
+    fs, path = resolve(url)
+    if _is_local(fs):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
 def write_text_atomic(url: str, text: str) -> None:
     write_bytes_atomic(url, text.encode("utf-8"))
 

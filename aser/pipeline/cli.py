@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -168,9 +169,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _terminated(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     a = build_parser().parse_args(argv)
+    # SIGTERM (`ray job stop`, `scancel`, Kubernetes deleting the pod) unwinds like an error:
+    # DEST's lease is released and a Ray this process started is shut down.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(a.func(a))
     except (ValueError, OSError) as e:  # configuration, input and storage errors: one line, no traceback

@@ -33,7 +33,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from aser.checkpoint import export, storage
 from aser.checkpoint import state as run_state
-from aser.pipeline import manifest, verify
+from aser.pipeline import lease, manifest, verify
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig
 from aser.pipeline.memory import ModelShape, RunCost, estimate
@@ -55,6 +55,10 @@ EMBED_INDEX = -1  # manifest index of the embedding stage; the head is num_layer
 
 class PipelineError(ValueError):
     """The run cannot proceed; the message says why and what to do."""
+
+
+class DestBusy(PipelineError):
+    """Another live run holds DEST's lease (``lease.LeaseHeld``)."""
 
 
 @dataclass
@@ -96,6 +100,7 @@ class _Ctx:
     # Run-level seconds outside the layers: Ray start/connect, starting (or restoring) workers.
     overhead_s: dict[str, float] = field(default_factory=dict)
     saves: SavePolicy = field(default_factory=SavePolicy)
+    held: lease.Lease | None = None
 
     @property
     def dest(self) -> str:
@@ -130,6 +135,8 @@ def _maybe_kill(ctx: _Ctx, point: str) -> None:
 
 
 def _save(ctx: _Ctx) -> None:
+    if ctx.held is not None:
+        ctx.held.check()  # a run whose lease was taken over stops before its next record
     manifest.save_manifest(ctx.dest, ctx.mf)
 
 
@@ -432,15 +439,37 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
+def _existing(config: RunConfig, plan: Plan, calib_sha: str) -> manifest.Manifest | None:
+    """DEST's manifest, checked against this run (source fingerprint, config, calibration)."""
+    try:
+        existing = manifest.load_manifest(config.dest)
+    except OSError as e:
+        raise PipelineError(f"cannot read DEST {storage.redact(config.dest)}: {e}") from e
+    if existing is not None:
+        # Workers are compared once resolved against the cluster (below); a finished DEST is
+        # left alone without starting Ray.
+        manifest.check_compatible(existing, config, plan.fingerprint, calib_sha, ignore=frozenset({"workers"}))
+    if manifest.is_finished(config.dest) and existing is None:
+        raise PipelineError(
+            f"{storage.redact(config.dest)} already holds a checkpoint not written by aser "
+            f"(no {manifest.MANIFEST_NAME}); choose another DEST"
+        )
+    return existing
+
+
 def run(
     config: RunConfig,
     *,
     show_progress: bool = True,
     kill_after: str | None = None,
     kill_worker: tuple[int, int] | None = None,
+    wait: bool = False,
+    lease_ttl_s: float = lease.DEFAULT_TTL_S,
 ) -> RunResult:
     """Quantize ``config.source`` into ``config.dest``.
 
+    DEST is written under its lease (``pipeline.lease``): another live run's lease makes this
+    one stop with DestBusy before it writes anything, or with ``wait`` wait for it.
     kill_after / kill_worker: test hooks (crash the driver after a point: ``layer:I``,
     ``copies``, ``finalize``; or worker RANK mid-way through layer I), never set in production.
     """
@@ -452,22 +481,37 @@ def run(
     size = sum(s.size_bytes for s in plan.index.shards.values())
     tokens, calib_desc = calibration_tokens(config, plan.source_url, size)
     calib_sha = manifest.calibration_sha256(tokens)
-    try:
-        existing = manifest.load_manifest(config.dest)
-    except OSError as e:
-        raise PipelineError(f"cannot read DEST {storage.redact(config.dest)}: {e}") from e
-    if existing is not None:
-        # Workers are compared once resolved against the cluster (below); a finished DEST is
-        # left alone without starting Ray.
-        manifest.check_compatible(existing, config, plan.fingerprint, calib_sha, ignore=frozenset({"workers"}))
-    if manifest.is_finished(config.dest):
-        if existing is None:
-            raise PipelineError(
-                f"{storage.redact(config.dest)} already holds a checkpoint not written by aser "
-                f"(no {manifest.MANIFEST_NAME}); choose another DEST"
-            )
+
+    def already_complete(existing: manifest.Manifest) -> RunResult:
         print(f"[aser] {storage.redact(config.dest)} is already complete; nothing to do", file=sys.stderr)
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
+
+    existing = _existing(config, plan, calib_sha)
+    if existing is not None and manifest.is_finished(config.dest):
+        return already_complete(existing)
+    try:
+        held = lease.acquire(config.dest, ttl_s=lease_ttl_s, wait=wait)
+    except lease.LeaseHeld as e:
+        raise DestBusy(str(e)) from e
+    try:
+        # Another run may have written DEST (or finished it) while this one waited.
+        existing = _existing(config, plan, calib_sha)
+        if existing is not None and manifest.is_finished(config.dest):
+            return already_complete(existing)
+        return _run_held(config, plan, tokens, calib_desc, calib_sha, existing, local, t0, held,
+                         show_progress=show_progress, kill_after=kill_after, kill_worker=kill_worker)
+    except lease.LeaseLost as e:
+        raise PipelineError(str(e)) from e
+    finally:
+        held.release()
+
+
+def _run_held(
+    config: RunConfig, plan: Plan, tokens: torch.Tensor, calib_desc: str, calib_sha: str,
+    existing: manifest.Manifest | None, local: bool, t0: float, held: lease.Lease, *,
+    show_progress: bool, kill_after: str | None, kill_worker: tuple[int, int] | None,
+) -> RunResult:
+    """``run`` once DEST's lease is held: Ray, the layers, finalize."""
     if existing is not None:
         # A stage file deleted or changed behind the run's back is redone, not trusted.
         _forget_damaged(existing, config.dest, "resuming")
@@ -509,6 +553,7 @@ def run(
     ctx.overhead_s["ray_init"] = ray_init_s
     ctx.starts = list(mf.summary.get("starts", []))
     ctx.saves = SavePolicy(every=1 if config.propagate == "quantized" else config.save_state_every)
+    ctx.held = held
     try:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -535,6 +580,7 @@ def run(
         parts = sorted({name for rec in mf.layers.values() for name in rec.files
                         if name.startswith(export.ADAPTER_PARTS_DIR)})
         refuse_damaged(mf, config.dest)
+        held.check()
         t_fin = time.perf_counter()
         if show_progress:
             print(f"[aser] finalize: merging {len(parts)} adapter parts, writing config and index", file=sys.stderr)

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from aser.pipeline.flags import add_method_flags, given_method_fields
+from aser.pipeline.lease import DEFAULT_TTL_S
 from aser.pipeline.sources import DEFAULT_SOURCE
 
 DEFAULT_DEST = "./aser-out/smollm2-135m-w4a8"
@@ -88,6 +89,11 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--save-state-every", type=int,
                    help="save the workers' states every N layers (resume points); default: when the "
                         "forward work since the last save outweighs its cost")
+    q.add_argument("--wait", action="store_true", default=False,
+                   help="if another live run holds DEST's lease, wait for it instead of exiting")
+    q.add_argument("--lease-ttl", type=float, default=DEFAULT_TTL_S, metavar="SECONDS",
+                   help="DEST's lease expires this long after its holder's last heartbeat (a heartbeat "
+                        f"every quarter of it); another machine's run waits that long after a crash (default {DEFAULT_TTL_S:.0f})")
     q.add_argument("--no-progress", action="store_true", default=False)
     q.add_argument("--json", action="store_true", default=False, help="print the run summary as JSON on stdout")
     q.set_defaults(func=cmd_quantize)
@@ -140,7 +146,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         kill_worker = (int(rank), int(layer))
     result = driver.run(
         config, show_progress=not a.no_progress, kill_after=os.environ.get(KILL_AFTER_ENV) or None,
-        kill_worker=kill_worker,
+        kill_worker=kill_worker, wait=a.wait, lease_ttl_s=a.lease_ttl,
     )
     if a.json:
         print(json.dumps({"dest": result.dest, "status": result.status, "wall_s": result.wall_s,

@@ -33,6 +33,7 @@ from typing import Any
 from aser.checkpoint import storage
 
 MARKER = "ASER_CHAOS_RUN"
+RUN_TIMEOUT_S = 400  # one run of stories260K, generous for a loaded 2-core machine
 MANIFEST = "aser_manifest.json"
 
 
@@ -72,16 +73,17 @@ class Run:
         return self.output
 
 
-def start(setup: Setup, dest: str, endpoint: str | None = None) -> Run:
+def start(setup: Setup, dest: str, endpoint: str | None = None, extra_args: tuple[str, ...] = (),
+          extra_env: dict[str, str] | None = None) -> Run:
     marker = uuid.uuid4().hex
     ray_tmp = tempfile.mkdtemp(prefix="aser-chaos-", dir="/tmp")  # short: Ray's socket paths
     log = Path(ray_tmp) / "driver.log"
-    env = {**os.environ, **setup.env, MARKER: marker, "RAY_TMPDIR": ray_tmp,
+    env = {**os.environ, **setup.env, **(extra_env or {}), MARKER: marker, "RAY_TMPDIR": ray_tmp,
            "AWS_ENDPOINT_URL": endpoint or setup.endpoint}
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(setup.command(dest), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([*setup.command(dest), *extra_args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, marker, ray_tmp, log, time.perf_counter())
 
 

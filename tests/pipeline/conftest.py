@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +37,30 @@ def ray_cluster(moto_endpoint: str) -> Iterator[str]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(moto_endpoint: str, stories_dir: Path, data_dir: Path) -> Iterator[tuple[Any, dict[str, bytes], float]]:
+    """The chaos harness's uninterrupted run (stories260K, S3 to S3, a subprocess with its own
+    Ray): its setup, files and wall time; what test_chaos and test_lease_runs compare against."""
+    import s3fs
+    from chaos_harness import RUN_TIMEOUT_S, Setup, dest_files, finish, start, upload
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("aser-chaos")
+    upload(stories_dir, "s3://aser-chaos/src")
+    setup = Setup(moto_endpoint, "s3://aser-chaos/src", str(data_dir / "tinystories" / "sample.txt"),
+                  env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    run = start(setup, "s3://aser-chaos/ref")
+    rc, wall = finish(run, RUN_TIMEOUT_S)
+    assert rc == 0, run.stderr()[-3000:]
+    yield setup, dest_files("s3://aser-chaos/ref"), wall
+    mp.undo()
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -11,38 +11,12 @@ from pathlib import Path
 import pytest
 
 from aser.checkpoint import storage
-from chaos_harness import Setup, dest_files, driver_kill, finish, node_loss, start, storage_faults, upload
+from chaos_harness import RUN_TIMEOUT_S, Setup, dest_files, driver_kill, node_loss, storage_faults
 from fault_proxy import FaultProxy, Faults
 
 pytestmark = pytest.mark.timeout(900)
 SEED = 42  # draws a kill at 0.64 of the run: inside the layer loop (benchmarks/chaos.py draws many)
-RUN_TIMEOUT_S = 400
 NODE_LOSS_AFTER_STAGES = 2  # of stories260K's 7 (embedding copy, 5 layers, head copy)
-
-
-@pytest.fixture(scope="module")
-def reference(moto_endpoint: str, stories_dir: Path, data_dir: Path) -> tuple[Setup, dict[str, bytes], float]:
-    """The uninterrupted run: its files and wall time."""
-    import s3fs
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("aser-chaos")
-    upload(stories_dir, "s3://aser-chaos/src")
-    setup = Setup(moto_endpoint, "s3://aser-chaos/src", str(data_dir / "tinystories" / "sample.txt"),
-                  env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    run = start(setup, "s3://aser-chaos/ref")
-    rc, wall = finish(run, RUN_TIMEOUT_S)
-    assert rc == 0, run.stderr()[-3000:]
-    yield setup, dest_files("s3://aser-chaos/ref"), wall
-    mp.undo()
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_driver_killed_at_a_random_moment_reruns_to_the_same_bytes(reference: tuple[Setup, dict[str, bytes], float]) -> None:

@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 
 from aser.checkpoint import storage
 
-from aser.pipeline import data, driver, manifest, verify
+from aser.pipeline import data, driver, lease, manifest, verify
 from aser.pipeline import plan as plan_mod
 from aser.checkpoint import safetensors_io as sio
 from pipeline_run_helpers import METHOD, NUM_SAMPLES, SEQ_LEN, output_files, run_config
@@ -321,6 +323,33 @@ def test_driver_killed_mid_run_and_at_finalize_resumes_to_the_same_bytes(
     res = driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
     assert res.status == "complete"
     assert output_files(str(dest)) == reference
+
+
+def test_run_whose_lease_was_taken_over_stops_writing(tmp_path: Path, paths: dict[str, str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presumed dead (another run took its lease over): the run stops at its next record with a
+    clear error, leaves the other run's lease in place and writes no index."""
+    dest = tmp_path / "out"
+    real = driver._record_layer
+
+    def record_then_lose(ctx: Any, p: Any) -> None:
+        real(ctx, p)
+        if ctx.held._lost is None:
+            rec = dict(ctx.held.record.__dict__, epoch=ctx.held.record.epoch + 1, owner="bob@elsewhere",
+                       host="elsewhere", pid=7)
+            storage.write_bytes_atomic(storage.join(str(dest), lease.LEASE_DIR, f"{rec['epoch']:010d}.json"),
+                                       json.dumps(rec).encode())
+            deadline = time.time() + 10
+            while ctx.held._lost is None and time.time() < deadline:  # the next heartbeat sees it
+                time.sleep(0.05)
+
+    monkeypatch.setattr(driver, "_record_layer", record_then_lose)
+    with pytest.raises(driver.PipelineError, match=r"lease on .* was lost: bob@elsewhere \(host elsewhere, pid 7\) took it over"):
+        driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False, lease_ttl_s=2.0)
+    recorded = manifest.load_manifest(str(dest))
+    assert recorded is not None and 0 in recorded.layers and len(recorded.layers) < 7
+    assert not manifest.is_finished(str(dest))
+    assert lease.current(str(dest)).owner == "bob@elsewhere"
 
 
 def _flip_byte(path: Path) -> None:
