@@ -30,6 +30,11 @@ class StorageError(OSError):
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
+def is_url(url: str) -> bool:
+    """``scheme://...`` rather than a local path."""
+    return bool(_SCHEME.match(url))
+
+
 def redact(url: str) -> str:
     """The URL without any ``user:password@`` part, for messages and logs."""
     if not _SCHEME.match(url):

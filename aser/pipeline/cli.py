@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from aser.pipeline.plan_cmd import add_plan_parser
 
     add_plan_parser(sub)
+    from aser.pipeline.batch import add_batch_parser
+
+    add_batch_parser(sub)
 
     e = sub.add_parser("eval", help="evaluate a quantized output directory with AserLinear modules")
     e.add_argument("dest")

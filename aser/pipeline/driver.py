@@ -493,6 +493,8 @@ def run(
         held = lease.acquire(config.dest, ttl_s=lease_ttl_s, wait=wait)
     except lease.LeaseHeld as e:
         raise DestBusy(str(e)) from e
+    except OSError as e:  # the lease is the run's first write to DEST
+        raise PipelineError(f"DEST {storage.redact(config.dest)} is not writable: {e}") from e
     try:
         # Another run may have written DEST (or finished it) while this one waited.
         existing = _existing(config, plan, calib_sha)

@@ -75,6 +75,12 @@ class Run:
 
 def start(setup: Setup, dest: str, endpoint: str | None = None, extra_args: tuple[str, ...] = (),
           extra_env: dict[str, str] | None = None) -> Run:
+    """`aser quantize` of setup's source into DEST, as a process group with its own local Ray."""
+    return spawn(setup, [*setup.command(dest), *extra_args], endpoint, extra_env)
+
+
+def spawn(setup: Setup, argv: list[str], endpoint: str | None = None, extra_env: dict[str, str] | None = None) -> Run:
+    """Any command with setup's S3 environment, marked (``run_pids``) and with its own Ray dir."""
     marker = uuid.uuid4().hex
     ray_tmp = tempfile.mkdtemp(prefix="aser-chaos-", dir="/tmp")  # short: Ray's socket paths
     log = Path(ray_tmp) / "driver.log"
@@ -82,8 +88,7 @@ def start(setup: Setup, dest: str, endpoint: str | None = None, extra_args: tupl
            "AWS_ENDPOINT_URL": endpoint or setup.endpoint}
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*setup.command(dest), *extra_args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, marker, ray_tmp, log, time.perf_counter())
 
 
