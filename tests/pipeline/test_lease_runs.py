@@ -13,7 +13,7 @@ from aser.checkpoint import storage
 from aser.pipeline import lease
 from chaos_harness import RUN_TIMEOUT_S, dest_files, finish, start
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.cluster]
 
 
 def test_two_runs_at_once_one_writes_the_other_names_the_owner(reference: tuple[Any, dict[str, bytes], float]) -> None:
