@@ -458,9 +458,17 @@ def _check_entrypoint(where: str, command: str) -> str:
     if argv[1] == "quantize":
         _quantize_config(argv)
     elif argv[1] == "batch":
-        # `aser batch` is being written elsewhere: only its watchlist is checked here.
-        watchlists = [a for a in argv[2:] if not a.startswith("-")]
-        assert len(watchlists) == 1 and _local(watchlists[0]).is_file(), f"{where}: {command}"
+        from aser.pipeline import batch
+        from aser.pipeline.cli import build_parser
+
+        a = build_parser().parse_args(argv[1:])
+        watchlist = str(_local(a.watchlist))
+        jobs = [j for j in (batch.read_watchlist(watchlist).get("jobs") or [])]
+        prefixes = batch.read_watchlist(watchlist).get("prefixes") or []
+        assert jobs or prefixes, f"{where}: {watchlist} names nothing"
+        for entry in [*jobs, *prefixes]:  # every recipe the nightly run would read loads
+            _quantize_config(["aser", "quantize", entry.get("source") or entry["source_prefix"].rstrip("/") + "/x",
+                              entry.get("dest") or entry["dest_prefix"].rstrip("/") + "/x", "--recipe", entry["recipe"]])
     else:
         raise AssertionError(f"{where}: unexpected subcommand in {command!r}")
     return argv[1]
