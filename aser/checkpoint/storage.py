@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -188,22 +189,29 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def _publish_local(path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
+    """Write ``data`` whole (fsynced) under a temporary name beside ``path``, then ``publish``
+    it there (``os.replace``: overwrite; ``os.link``: only if absent); the temporary name is
+    removed whatever happens."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old object, or the new one whole, never a part."""
     fs, path = resolve(url)
     if _is_local(fs):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _publish_local(path, data, os.replace)
         return
     # One PUT (or one completed multipart upload for large data): all or nothing for readers.
     fs.pipe_file(path, data)
@@ -220,20 +228,10 @@ def create_exclusive(url: str, data: bytes) -> bool:
     stores get their implementation's ``mode="create"``, exclusive only if theirs is."""
     fs, path = resolve(url)
     if _is_local(fs):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
+            _publish_local(path, data, os.link)
         except FileExistsError:
             return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return True
     try:
         fs.pipe_file(path, data, mode="create")
