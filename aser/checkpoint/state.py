@@ -110,5 +110,10 @@ def prune_worker_states(dest: str, worker_rank: int, before_layer: int) -> None:
             storage.remove(_state_url(dest, worker_rank, k))
 
 
+def has_state(dest: str) -> bool:
+    """Anything left under DEST's state folder (workers' states, adapter parts)."""
+    return bool(storage.list_dir(storage.join(dest, STATE_DIR)))
+
+
 def clear_state(dest: str) -> None:
     storage.remove(storage.join(dest, STATE_DIR), recursive=True)

@@ -165,10 +165,12 @@ def _state(config: Any) -> str:
     from aser.pipeline.plan import make_plan
 
     existing = manifest.load_manifest(config.dest)
-    if not manifest.is_finished(config.dest):
-        return BEFORE_NEW if existing is None else BEFORE_PARTIAL
-    if existing is None:
+    if manifest.is_finished(config.dest) and existing is None:
         raise ValueError(f"{storage.redact(config.dest)} holds a checkpoint not written by aser")
+    if existing is None:
+        return BEFORE_NEW
+    if not manifest.is_complete(existing, config.dest):
+        return BEFORE_PARTIAL  # including killed between its index and its last manifest save
     # The source's fingerprint (index, headers, store versions, config.json) and the config; the
     # calibration is compared by a run, not here (it may have to be sampled from the model).
     manifest.check_compatible(existing, config, make_plan(config).fingerprint, existing.calibration_sha256,

@@ -471,7 +471,8 @@ def run(
     DEST is written under its lease (``pipeline.lease``): another live run's lease makes this
     one stop with DestBusy before it writes anything, or with ``wait`` wait for it.
     kill_after / kill_worker: test hooks (crash the driver after a point: ``layer:I``,
-    ``copies``, ``finalize``; or worker RANK mid-way through layer I), never set in production.
+    ``copies``, ``finalize``, ``indexed``: finalize done, before the manifest's last save; or
+    worker RANK mid-way through layer I), never set in production.
     """
     t0 = time.perf_counter()
     plan = make_plan(config)
@@ -487,8 +488,8 @@ def run(
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
 
     existing = _existing(config, plan, calib_sha)
-    if existing is not None and manifest.is_finished(config.dest):
-        return already_complete(existing)
+    if manifest.is_complete(existing, config.dest) and not run_state.has_state(config.dest):
+        return already_complete(existing)  # type: ignore[arg-type]
     try:
         held = lease.acquire(config.dest, ttl_s=lease_ttl_s, wait=wait)
     except lease.LeaseHeld as e:
@@ -498,8 +499,10 @@ def run(
     try:
         # Another run may have written DEST (or finished it) while this one waited.
         existing = _existing(config, plan, calib_sha)
-        if existing is not None and manifest.is_finished(config.dest):
-            return already_complete(existing)
+        if manifest.is_complete(existing, config.dest):
+            # Killed after its last manifest save, before the workers' states were removed.
+            run_state.clear_state(config.dest)
+            return already_complete(existing)  # type: ignore[arg-type]
         return _run_held(config, plan, tokens, calib_desc, calib_sha, existing, local, t0, held,
                          show_progress=show_progress, kill_after=kill_after, kill_worker=kill_worker)
     except lease.LeaseLost as e:
@@ -588,6 +591,7 @@ def _run_held(
             print(f"[aser] finalize: merging {len(parts)} adapter parts, writing config and index", file=sys.stderr)
         fin, proc = ray.get(ctx.fns["finalize"].remote(
             config.dest, plan.source_url, plan.num_layers, config.output_format, config.method.group_size, parts))
+        _maybe_kill(ctx, "indexed")
         _note_processes(ctx, [proc])
     except RayTaskError as e:
         cause = _unwrap(e)

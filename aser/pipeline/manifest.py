@@ -182,6 +182,13 @@ def is_finished(dest: str) -> bool:
     return storage.exists(storage.join(dest, INDEX_NAME))
 
 
+def is_complete(mf: Manifest | None, dest: str) -> bool:
+    """Finished, and the run's bookkeeping after finalize done: the manifest records the final
+    files. A run killed between finalize writing the index and the manifest's last save is not
+    complete: its rerun finalizes again (the same bytes) and records them."""
+    return mf is not None and bool(mf.final_files) and is_finished(dest)
+
+
 def _diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out: list[str] = []

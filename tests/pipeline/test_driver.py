@@ -352,6 +352,31 @@ def test_run_whose_lease_was_taken_over_stops_writing(tmp_path: Path, paths: dic
     assert lease.current(str(dest)).owner == "bob@elsewhere"
 
 
+def test_driver_killed_after_the_index_before_its_bookkeeping_refinalizes(
+        reference: dict[str, bytes], ray_cluster: str, tmp_path: Path, paths: dict[str, str]) -> None:
+    """Killed between finalize writing the index and the manifest's last save (final files not
+    recorded, states not removed): not complete; the rerun finalizes again, to the same bytes."""
+    dest = tmp_path / "out"
+    proc = _quantize(_resume_args(dest, paths, ray_cluster), {"ASER_TEST_KILL_AFTER": "indexed"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (dest / sio.INDEX_NAME).exists() and (dest / ".aser_state").exists()
+    assert not manifest.is_complete(manifest.load_manifest(str(dest)), str(dest))
+    proc = _quantize(_resume_args(dest, paths, ray_cluster), {})
+    assert proc.returncode == 0 and "already complete" not in proc.stdout, proc.stderr[-2000:]
+    assert manifest.is_complete(manifest.load_manifest(str(dest)), str(dest))
+    assert output_files(str(dest)) == reference  # no .aser_state left either
+
+
+def test_complete_dest_with_leftover_states_is_cleaned(reference_dest: str, paths: dict[str, str]) -> None:
+    """Killed after the manifest's last save, before the states were removed: complete; the
+    rerun removes the leftovers and does nothing else."""
+    dest = Path(reference_dest)  # the module's reference DEST: left as it was found
+    (dest / ".aser_state").mkdir()
+    (dest / ".aser_state" / "worker-00000-00003.safetensors").write_bytes(b"leftover")
+    res = driver.run(run_config(paths["source"], str(dest), paths["calib"]), show_progress=False)
+    assert res.status == "already complete" and not (dest / ".aser_state").exists()
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit; the size, which the cheap check compares, unchanged
