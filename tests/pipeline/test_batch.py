@@ -90,8 +90,11 @@ def test_complete_dest_of_a_changed_source_is_failed_not_skipped(tmp_path: Path,
     config = batch._config(job)
     from aser.pipeline.plan import make_plan
 
-    manifest.save_manifest(job.dest, manifest.new_manifest(config, make_plan(config).fingerprint, None))
+    mf = manifest.new_manifest(config, make_plan(config).fingerprint, None)
     storage.write_text_atomic(storage.join(job.dest, "model.safetensors.index.json"), "{}")
+    mf.final_files = {"model.safetensors.index.json": manifest.FileRecord(*storage.sha256_and_size(
+        storage.join(job.dest, "model.safetensors.index.json")))}
+    manifest.save_manifest(job.dest, mf)
     assert batch._state(config) == batch.BEFORE_COMPLETE
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-3] ^= 1
