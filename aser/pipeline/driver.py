@@ -488,8 +488,8 @@ def run(
         return RunResult(config.dest, "already complete", existing, time.perf_counter() - t0)
 
     existing = _existing(config, plan, calib_sha)
-    if manifest.is_complete(existing, config.dest) and not run_state.has_state(config.dest):
-        return already_complete(existing)  # type: ignore[arg-type]
+    if existing is not None and manifest.is_complete(existing, config.dest) and not run_state.has_state(config.dest):
+        return already_complete(existing)
     try:
         held = lease.acquire(config.dest, ttl_s=lease_ttl_s, wait=wait)
     except lease.LeaseHeld as e:
@@ -499,10 +499,10 @@ def run(
     try:
         # Another run may have written DEST (or finished it) while this one waited.
         existing = _existing(config, plan, calib_sha)
-        if manifest.is_complete(existing, config.dest):
+        if existing is not None and manifest.is_complete(existing, config.dest):
             # Killed after its last manifest save, before the workers' states were removed.
             run_state.clear_state(config.dest)
-            return already_complete(existing)  # type: ignore[arg-type]
+            return already_complete(existing)
         return _run_held(config, plan, tokens, calib_desc, calib_sha, existing, local, t0, held,
                          show_progress=show_progress, kill_after=kill_after, kill_worker=kill_worker)
     except lease.LeaseLost as e:

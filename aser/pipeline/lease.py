@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from aser.checkpoint import storage
 
@@ -292,9 +291,3 @@ def acquire(
         lease.start_heartbeat()
         return lease
 
-
-def describe_current(dest: str) -> dict[str, Any] | None:
-    """DEST's lease as a JSON-able dict (for `aser batch`'s report), or None."""
-    rec = current(dest)
-    return None if rec is None else {"owner": rec.owner, "host": rec.host, "pid": rec.pid,
-                                     "started": _iso(rec.started_at), "heartbeat": _iso(rec.heartbeat_at)}
