@@ -61,6 +61,23 @@ class Head:
             return {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(m.group(1), "STOPPED")
         return f"? {text[-300:]}"
 
+    def wait_ready(self, ray_dir: Path, timeout: float = 90) -> None:
+        """Until a job can be submitted and runs: the job API answers `ray job list` before the
+        head's job agent has registered, and a submission before that fails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job_id = f"probe-{uuid.uuid4().hex[:8]}"
+            probe = self.job("submit", "--address", self.address, "--submission-id", job_id, "--no-wait",
+                             "--", "python", "-c", "pass")
+            if probe.returncode == 0:
+                self.wait(job_id, {"SUCCEEDED"}, deadline - time.monotonic())
+                return
+            if time.monotonic() > deadline:
+                agent_log = next(ray_dir.glob("session_*/logs/dashboard_agent.log"), None)
+                raise AssertionError(f"no job could be submitted in {timeout} s: {probe.stderr[-1500:]}\n"
+                                     f"dashboard_agent.log: {agent_log.read_text()[-1500:] if agent_log else '-'}")
+            time.sleep(2)
+
     def wait(self, job_id: str, states: set[str], timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -87,18 +104,21 @@ def head(reference: tuple[Any, dict[str, bytes], float]) -> Iterator[Head]:
     # The CPUs `aser quantize` gives the local Ray it starts (driver._init_ray): the same
     # resolved workers, hence the same bytes, as the reference run.
     cpus = (os.cpu_count() or 1) + 1
+    # Every port Ray would otherwise take at a fixed default gets a free one: a job agent that
+    # finds 52365 taken (by any other Ray on the machine, such as a killed run's leftovers) never
+    # registers, and every submission then fails with "No available agent to submit job".
+    ports = [arg for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                              "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port")
+             for arg in (flag, str(_free_port()))]
     started = subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", *ports,
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
          "--num-cpus", str(cpus), "--temp-dir", tmp, "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=120)
     h = Head(env, dashboard)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
-        deadline = time.monotonic() + 60
-        while h.job("list", "--address", h.address).returncode != 0:  # the job API comes up after
-            assert time.monotonic() < deadline, h.job("list", "--address", h.address).stderr[-2000:]
-            time.sleep(1)
+        h.wait_ready(Path(tmp))
         yield h
     finally:
         for _ in range(3):
