@@ -21,6 +21,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cloud_emulators import azure_env, gcs_env  # noqa: E402
+
 # The unit tests' matrices are tiny: on a 2-core machine torch's intra-op threads spin more than
 # they work (the numerics tests took 51 s of wall time with default threads, 12 s with one). Ray's
 # workers are other processes and keep their own settings.
@@ -131,12 +133,6 @@ def gcs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from _serve(argv, port, "fake-gcs-server", tmp_path_factory.mktemp("gcs") / "server.log")
 
 
-def gcs_env(endpoint: str) -> dict[str, str]:
-    """What a process needs to reach the emulator: gcsfs reads STORAGE_EMULATOR_HOST (and then
-    asks for no credentials)."""
-    return {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-
-
 @pytest.fixture
 def gs_bucket(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh bucket on the GCS emulator, reachable through the standard GCS environment."""
@@ -153,10 +149,6 @@ def gs_bucket(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
 # ------------------------------------------------------------- Azure Blob on loopback (Azurite)
 
-# Azurite's well-known development account (its documentation publishes this key; it opens
-# nothing but a local emulator).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 AZURITE_BIN = Path(__file__).resolve().parent / "emulators" / "node_modules" / ".bin" / "azurite-blob"
 
 
@@ -176,13 +168,6 @@ def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     argv = [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(root / "data"),
             "--skipApiVersionCheck", "--silent"]
     yield from _serve(argv, port, "azurite-blob", root / "server.log")
-
-
-def azure_env(endpoint: str) -> dict[str, str]:
-    """adlfs reads AZURE_STORAGE_CONNECTION_STRING, as Azure's own SDKs and CLI do."""
-    return {"AZURE_STORAGE_CONNECTION_STRING": (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};")}
 
 
 @pytest.fixture

@@ -549,6 +549,9 @@ def _run_held(
     from tqdm import tqdm
 
     done0 = len([i for i in manifest.finished_layers(mf, config.dest) if 0 <= i < plan.num_layers])
+    if existing is not None:
+        print(f"[aser] resuming {storage.redact(config.dest)}: {done0} of {plan.num_layers} layers already done",
+              file=sys.stderr)
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
     ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus, memory, resources.reconstruct_cpus),

@@ -157,6 +157,7 @@ def dest_files(dest: str) -> dict[str, bytes]:
     """Every object under DEST but the manifest (it records times), by relative name."""
     fs, path = storage.resolve(dest)
     path = path.rstrip("/")
+    fs.invalidate_cache(path)  # listings this process cached while another process wrote DEST
     return {p[len(path) + 1 :]: bytes(fs.cat_file(p)) for p in fs.find(path)
             if not p.endswith("/" + MANIFEST)}
 
