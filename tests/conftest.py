@@ -59,7 +59,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(argv: list[str], port: int, name: str, log: Path | None = None) -> Iterator[str]:
+def _serve(argv: list[str], port: int, name: str, log: Path | None = None, stop_s: float = 10) -> Iterator[str]:
     """Run a storage emulator listening on 127.0.0.1:port; yield its URL once it accepts
     connections; stop it (by its PID) afterwards. Its output goes to ``log`` (never to a pipe
     nobody reads: a full pipe would stall the server mid-run)."""
@@ -80,7 +80,7 @@ def _serve(argv: list[str], port: int, name: str, log: Path | None = None) -> It
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=stop_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -167,7 +167,8 @@ def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("azurite")
     argv = [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(root / "data"),
             "--skipApiVersionCheck", "--silent"]
-    yield from _serve(argv, port, "azurite-blob", root / "server.log")
+    # Azurite waits for its clients' keep-alive connections to close on SIGTERM: 2 s, then kill.
+    yield from _serve(argv, port, "azurite-blob", root / "server.log", stop_s=2)
 
 
 @pytest.fixture
