@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -301,25 +300,29 @@ def write_stage(
 # ---------------------------------------------------------------- finalize
 
 
-def adapter_config(ranks: Mapping[str, int]) -> dict:
-    """PEFT LoraConfig dict for modules (full names) -> rank, alpha = rank (scaling 1).
+# The --max-lora-rank values vLLM accepts (its LoRAConfig); it serves an adapter of rank r
+# with a buffer of the smallest of these >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
-    The most common rank is ``r``; modules with another rank go to rank_pattern/alpha_pattern.
-    """
+
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The ``--max-lora-rank`` vLLM needs for an adapter of rank ``r`` (None: above its limit)."""
+    return next((v for v in VLLM_LORA_RANKS if v >= r), None)
+
+
+def adapter_config(modules: Sequence[str], r: int) -> dict:
+    """PEFT LoraConfig dict: one rank ``r`` for every module (full names), ``lora_alpha = r``
+    (scaling 1, no rsLoRA). One rank, no ``rank_pattern``: vLLM serves per-module ranks only
+    as far as its loader reads rank_pattern, which is not confirmed; PEFT loads either."""
     from peft import LoraConfig
 
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k))
-    others = {m: k for m, k in sorted(ranks.items()) if k != r}
     cfg = LoraConfig(
         r=r,
         lora_alpha=r,
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-        target_modules=sorted(ranks),
-        rank_pattern=others,
-        alpha_pattern=dict(others),
+        target_modules=sorted(modules),
     )
     out = cfg.to_dict()
     # As PeftConfig.save_pretrained does, sets become lists; sorted so the bytes are stable.
@@ -336,22 +339,40 @@ def _write_text(dest: str, name: str, text: str, written: dict[str, FileRecord])
     _write_bytes(dest, name, text.encode("utf-8"), written)
 
 
-def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, FileRecord]) -> None:
+def pad_to_uniform_rank(tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
+    """Zero-pad every module's LoRA pair (in place) to the largest rank among them: ``lora_A``
+    (k, K) gets R - k zero rows, ``lora_B`` (N, k) as many zero columns, so B A is unchanged.
+    Returns R and {module: its own rank} for the modules padded."""
+    ranks = {key[: -len(".lora_A.weight")]: int(t.shape[0]) for key, t in tensors.items()
+             if key.endswith(".lora_A.weight")}
+    r = max(ranks.values(), default=0)
+    padded = {}
+    for module, k in sorted(ranks.items()):
+        if k < r:
+            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+            tensors[f"{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - k, a.shape[1])], dim=0)
+            tensors[f"{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1)
+            padded[module[len("base_model.model."):]] = k
+    return r, padded
+
+
+def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, FileRecord]) -> dict:
+    """Merge the per-stage adapter parts into one PEFT adapter of one rank; what it did."""
     tensors: dict[str, torch.Tensor] = {}
     for part in sorted(adapter_parts):
         src = sio.open_file(storage.join(dest, part))
         tensors.update(sio.read_tensors(src, src.tensors))
     if not tensors:
-        return
-    ranks = {}
-    for key, t in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[len("base_model.model.") : -len(".lora_A.weight")]
-            ranks[module] = int(t.shape[0])
+        return {}
+    r, padded = pad_to_uniform_rank(tensors)
+    modules = [key[len("base_model.model.") : -len(".lora_A.weight")] for key in tensors
+               if key.endswith(".lora_A.weight")]
     weights = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS_NAME}"
     written[weights] = FileRecord(*sio.write_shard(storage.join(dest, weights), tensors))
     _write_text(dest, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_NAME}",
-                json.dumps(adapter_config(ranks), indent=2, sort_keys=True) + "\n", written)
+                json.dumps(adapter_config(modules, r), indent=2, sort_keys=True) + "\n", written)
+    return {"rank": r, "lora_alpha": r, "vllm_max_lora_rank": vllm_max_lora_rank(r), "modules": len(modules),
+            "padded": padded}
 
 
 @dataclass(frozen=True)
@@ -363,6 +384,9 @@ class FinalizeResult:
     # Every file finalize wrote (config, copied files, adapter, index) by name under DEST: what
     # the manifest records and ``aser verify`` checks.
     files: dict[str, FileRecord] = field(default_factory=dict)
+    # The adapter: its one rank, lora_alpha, the --max-lora-rank vLLM needs, and the modules
+    # zero-padded up to that rank with their own rank ({} without an adapter).
+    adapter: dict = field(default_factory=dict)
 
 
 def finalize(
@@ -407,8 +431,9 @@ def finalize(
         if storage.exists(src):
             _write_bytes(dest, name, storage.read_bytes(src), written)
             copied.append(name)
-    _write_adapter(dest, adapter_parts, written)
+    adapter = _write_adapter(dest, adapter_parts, written)
 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_text(dest, sio.INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n", written)
-    return FinalizeResult(storage.join(dest, sio.INDEX_NAME), len(weight_map), total, tuple(copied), written)
+    return FinalizeResult(storage.join(dest, sio.INDEX_NAME), len(weight_map), total, tuple(copied), written,
+                          adapter)

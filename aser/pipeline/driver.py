@@ -631,6 +631,7 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         "bytes_written": sum(r.bytes_written for r in ctx.mf.layers.values()),
         "num_tensors": fin.num_tensors,
         "total_size_bytes": fin.total_size_bytes,
+        "adapter": fin.adapter,
         "num_workers": ctx.resources.num_workers,
         "resources": ctx.resources.to_dict(),
         "processes": procs,

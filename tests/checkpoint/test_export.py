@@ -36,7 +36,7 @@ class Lin:
 def _rank(layer: int, name: str) -> int:
     if (layer, name) == (1, "mlp.down_proj"):
         return 0  # a linear without correction: no LoRA module for it
-    return 4 if name == "self_attn.q_proj" else 8  # unequal ranks exercise rank_pattern
+    return 4 if name == "self_attn.q_proj" else 8  # unequal ranks: q_proj is zero-padded to 8
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,29 @@ def test_transformers_and_peft_load_the_export(source: Path, tmp_path: Path, fmt
     torch.testing.assert_close(got_full, ref_full, atol=1e-5, rtol=1e-5)
     lora_modules = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
     assert len(lora_modules) == 2 * len(LINEARS) - 1  # layer 1's down_proj has rank 0
+    # One rank for every module (what vLLM serves), lora_alpha = r: q_proj's rank-4 pair is
+    # zero-padded to 8, and the outputs above are unchanged by it.
     adapter_cfg = json.loads((dest / export.ADAPTER_DIR / export.ADAPTER_CONFIG_NAME).read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 8
-    assert adapter_cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(2)}
-    assert adapter_cfg["alpha_pattern"] == adapter_cfg["rank_pattern"]
+    assert not adapter_cfg.get("rank_pattern") and not adapter_cfg.get("alpha_pattern")
+    assert not adapter_cfg.get("use_rslora")
+    shapes = {n: tuple(m.weight.shape) for n, m in peft_model.named_modules() if n.endswith((".lora_A.default", ".lora_B.default"))}
+    assert {s[0] for n, s in shapes.items() if "lora_A" in n} == {8}
+    assert {s[1] for n, s in shapes.items() if "lora_B" in n} == {8}
+
+
+def test_uniform_rank_padding_keeps_the_product_and_vllm_rank() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = {"base_model.model.a.lora_A.weight": torch.randn(3, 5, generator=g),
+         "base_model.model.a.lora_B.weight": torch.randn(7, 3, generator=g),
+         "base_model.model.b.lora_A.weight": torch.randn(6, 5, generator=g),
+         "base_model.model.b.lora_B.weight": torch.randn(4, 6, generator=g)}
+    before = t["base_model.model.a.lora_B.weight"] @ t["base_model.model.a.lora_A.weight"]
+    r, padded = export.pad_to_uniform_rank(t)
+    assert (r, padded) == (6, {"a": 3})
+    assert t["base_model.model.a.lora_A.weight"].shape == (6, 5) and t["base_model.model.a.lora_B.weight"].shape == (7, 6)
+    torch.testing.assert_close(t["base_model.model.a.lora_B.weight"] @ t["base_model.model.a.lora_A.weight"], before)
+    assert [export.vllm_max_lora_rank(k) for k in (1, 2, 8, 40, 320, 321, 513)] == [1, 8, 8, 64, 320, 512, None]
 
 
 def _ref_logits(src: Path, lins, a_bits, lowrank: bool, ids: torch.Tensor) -> torch.Tensor:
