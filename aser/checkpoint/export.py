@@ -23,7 +23,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -117,9 +117,17 @@ def quantization_config(fmt: OutputFormat, group_size: int | None) -> Quantizati
     )
 
 
-def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_size: int | None) -> dict:
+# config.json's key saying the base needs its adapter (read by aser's loader; any loader that
+# keeps unknown config keys shows it).
+REQUIRES_ADAPTER_KEY = "aser_requires_adapter"
+MODEL_CARD_NAME = "README.md"
+
+
+def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_size: int | None,
+                  requires_adapter: bool = False) -> dict:
     """The source's config.json with a compressed-tensors quantization_config added (the same
-    keys ``ModelCompressor.update_config`` writes)."""
+    keys ``ModelCompressor.update_config`` writes), and with ``requires_adapter`` a note that
+    the base alone is not the model."""
     import compressed_tensors
     from compressed_tensors.base import (
         COMPRESSION_VERSION_NAME,
@@ -140,6 +148,12 @@ def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_
         TRANSFORM_CONFIG_NAME: {},
         **qconfig,
     }
+    if requires_adapter:
+        out[REQUIRES_ADAPTER_KEY] = {
+            "adapter": ADAPTER_DIR,
+            "why": "ASER moves outlier input columns and the quantization error into the LoRA adapter; "
+                   "the base alone is far worse than the model (load it with the adapter)",
+        }
     return out
 
 
@@ -375,6 +389,56 @@ def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, F
             "padded": padded}
 
 
+def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputFormat,
+               source_config: Mapping[str, Any]) -> str:
+    """DEST's README.md in the Hugging Face model-card form. Only what decides the bytes goes in
+    (no URL, path or time): the same run to another DEST writes the same card."""
+    import yaml
+
+    name = source_config.get("_name_or_path")
+    hub_id = isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    front = {**({"base_model": name} if hub_id else {}), "library_name": "transformers",
+             "pipeline_tag": "text-generation",
+             "tags": ["quantized", "compressed-tensors", fmt, "aser", *(["lora", "peft"] if adapter else [])]}
+    method = card.get("method", {})
+    calib = card.get("calibration", {})
+    r = adapter.get("rank")
+    serve_rank = adapter.get("vllm_max_lora_rank")
+    lines = ["---", yaml.safe_dump(front, sort_keys=True).strip(), "---", "",
+             f"# {source_config.get('model_type', 'model')} quantized to {fmt} with ASER", "",
+             f"Written by `aser quantize` (aser {card.get('aser_version', '?')}): weights INT{method.get('w_bits', 4)} "
+             f"symmetric per {'group of ' + str(method['group_size']) if method.get('group_size') else 'output channel'}"
+             + (f", activations INT{method['a_bits']} dynamic per token" if fmt == "w4a8" else ", activations 16-bit")
+             + f", stored as compressed-tensors `{'int-quantized' if fmt == 'w4a8' else 'pack-quantized'}`.", ""]
+    if adapter:
+        lines += ["**The base needs its adapter.** ASER moves each layer's outlier input columns and a low-rank "
+                  "correction of the quantization error into the LoRA adapter in `aser_adapter/`; the base "
+                  f"without it is far worse than the model. `config.json` says so under `{REQUIRES_ADAPTER_KEY}`.", "",
+                  f"Adapter: rank {r} for all {adapter.get('modules')} modules (modules that needed less are "
+                  f"zero-padded: {len(adapter.get('padded', {}))}), `lora_alpha` = {r} (scaling 1), no rsLoRA.", ""]
+    lines += ["## Method", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(v)} |" for k, v in sorted(method.items())]
+    lines += ["", "## Calibration", "",
+              f"{calib.get('num_samples')} sequences of {calib.get('seq_len')} tokens; sha256 of the token ids: "
+              f"`{calib.get('tokens_sha256')}`.", "", "## Use", "", "`THIS_DIR` is this folder (local or a bucket URL "
+              "fsspec reads).", "", "transformers + PEFT:", "", "```python",
+              "from transformers import AutoModelForCausalLM",
+              "from peft import PeftModel",
+              'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")',
+              *(['model = PeftModel.from_pretrained(model, "THIS_DIR/aser_adapter")'] if adapter else []),
+              "```", "", "aser's own modules (the same W4A8 arithmetic, with its kernels):", "", "```bash",
+              "aser eval THIS_DIR --eval TEXT_FILE --seq-len 512", "```", ""]
+    if adapter:
+        lines += ["vLLM, with the adapter as a LoRA module:", "", "```bash",
+                  f"vllm serve THIS_DIR --enable-lora --lora-modules aser=THIS_DIR/aser_adapter "
+                  f"--max-lora-rank {serve_rank if serve_rank else '(above vLLM limit of 512)'}",
+                  "```", "", "and request the model `aser` (aser's own tests have not served it with vLLM yet).", ""]
+        if fmt == "w4a8":
+            lines += ["vLLM has no CUDA kernel for this `int-quantized` W4A8 layout (its CPU and XPU backends "
+                      "serve it); for GPUs quantize with `--format w4a16` (pack-quantized INT4, served by Marlin).", ""]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class FinalizeResult:
     index_url: str
@@ -396,8 +460,10 @@ def finalize(
     fmt: OutputFormat,
     group_size: int | None,
     adapter_parts: Sequence[str],
+    card: Mapping[str, Any] | None = None,
 ) -> FinalizeResult:
-    """Write config.json, the adapter, copied files, and then — last — the index.
+    """Write config.json, the adapter, copied files, the model card (``card``: the method,
+    calibration and version it states), and then — last — the index.
 
     Every stage shard must already be written; the index is built from their headers, so this
     works the same after a resume.
@@ -423,8 +489,8 @@ def finalize(
                 total += info.end - info.start
     source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
     written: dict[str, FileRecord] = {}
-    _write_text(dest, CONFIG_NAME,
-                json.dumps(output_config(source_config, fmt, group_size), indent=2, sort_keys=True) + "\n", written)
+    _write_text(dest, CONFIG_NAME, json.dumps(output_config(source_config, fmt, group_size, bool(adapter_parts)),
+                                              indent=2, sort_keys=True) + "\n", written)
     copied = []
     for name in COPIED_FILES:
         src = storage.join(source, name)
@@ -432,6 +498,8 @@ def finalize(
             _write_bytes(dest, name, storage.read_bytes(src), written)
             copied.append(name)
     adapter = _write_adapter(dest, adapter_parts, written)
+    if card is not None:
+        _write_text(dest, MODEL_CARD_NAME, model_card(card, adapter, fmt, source_config), written)
 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_text(dest, sio.INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n", written)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from aser.checkpoint import storage
+from aser.checkpoint.export import REQUIRES_ADAPTER_KEY
 from aser.checkpoint.safetensors_io import open_source, read_tensors
 from aser.kernels.backend import Backend
 from aser.kernels.gemm import LowRankMode
@@ -46,6 +48,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class AserLoadError(ValueError):
     """The destination is not a loadable ASER checkpoint; the message names the file/tensor."""
+
+
+class MissingAdapterWarning(UserWarning):
+    """A destination whose base needs its adapter was loaded without one."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,7 @@ def load_aser_model(
     if qc is None:
         raise AserLoadError(f"{storage.redact(dest)}/config.json has no quantization_config")
     spec = parse_quantization_config(qc)
+    requires_adapter = cfg_dict.pop(REQUIRES_ADAPTER_KEY, None)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise AserLoadError(f"{storage.redact(dest)}/config.json has no model_type")
@@ -240,6 +247,11 @@ def load_aser_model(
     source = open_source(dest)
     quantized = sorted(n[: -len(".weight_scale")] for n in source.tensors if n.endswith(".weight_scale"))
     lowrank, _ = read_adapter(dest)
+    if requires_adapter and not lowrank:
+        warnings.warn(
+            f"{storage.redact(dest)}: the base needs its adapter ({REQUIRES_ADAPTER_KEY} in config.json) and "
+            f"{requires_adapter.get('adapter', 'aser_adapter')}/ is missing or empty: this model is the base "
+            "alone, far worse than the quantized model", MissingAdapterWarning, stacklevel=2)
     stray = sorted(set(lowrank) - set(quantized))
     if stray:
         raise AserLoadError(f"the adapter targets {stray[0]}, which is not a quantized linear of the checkpoint")

@@ -31,6 +31,7 @@ import ray
 import torch
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
+import aser
 from aser.checkpoint import export, storage
 from aser.checkpoint import state as run_state
 from aser.pipeline import lease, manifest, verify
@@ -592,8 +593,12 @@ def _run_held(
         t_fin = time.perf_counter()
         if show_progress:
             print(f"[aser] finalize: merging {len(parts)} adapter parts, writing config and index", file=sys.stderr)
+        card = {"aser_version": aser.__version__, "method": config.method.to_dict(),
+                "calibration": {"num_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
+                                "tokens_sha256": calib_sha}}
         fin, proc = ray.get(ctx.fns["finalize"].remote(
-            config.dest, plan.source_url, plan.num_layers, config.output_format, config.method.group_size, parts))
+            config.dest, plan.source_url, plan.num_layers, config.output_format, config.method.group_size, parts,
+            card))
         _maybe_kill(ctx, "indexed")
         _note_processes(ctx, [proc])
     except RayTaskError as e:

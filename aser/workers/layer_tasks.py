@@ -235,9 +235,9 @@ def copy_stage_task(
 
 def finalize_task(
     dest: str, source_url: str, num_layers: int, fmt: OutputFormat, group_size: int | None,
-    adapter_parts: Sequence[str],
+    adapter_parts: Sequence[str], card: Mapping[str, Any] | None = None,
 ) -> tuple[export.FinalizeResult, dict[str, Any]]:
     """``export.finalize`` on a worker: merging the adapter parts needs their tensors, which the
     driver (metadata only) never holds."""
-    res = export.finalize(dest, source_url, num_layers, fmt, group_size, adapter_parts)
+    res = export.finalize(dest, source_url, num_layers, fmt, group_size, adapter_parts, card)
     return res, process_info("finalize")

@@ -216,8 +216,32 @@ def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = No
         parts += [f for f in export.write_stage(dest, 1 + i, L, base, adapter, shard_size_bytes) if f.startswith(export.ADAPTER_PARTS_DIR)]
         all_lins[prefix] = lins
     export.write_stage(dest, L + 1, L, sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"]))
-    export.finalize(dest, src, L, fmt, None, parts)  # type: ignore[arg-type]
+    export.finalize(dest, src, L, fmt, None, parts, CARD)  # type: ignore[arg-type]
     return all_lins
+
+
+CARD = {"aser_version": "0.1.0", "method": {"method": "aser", "rank": 8, "w_bits": 4, "a_bits": 8},
+        "calibration": {"num_samples": 12, "seq_len": 64, "tokens_sha256": "ab" * 32}}
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a16"])
+def test_model_card_and_config_say_the_base_needs_its_adapter(source: Path, tmp_path: Path, fmt: str) -> None:
+    import yaml
+
+    dest = tmp_path / "out"
+    _export(source, dest, fmt)
+    card = (dest / export.MODEL_CARD_NAME).read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and {"quantized", "aser", fmt, "lora"} <= set(meta["tags"])
+    assert "base_model" not in meta  # the tiny source has no hub id
+    assert "**The base needs its adapter.**" in body
+    assert "--enable-lora --lora-modules aser=THIS_DIR/aser_adapter --max-lora-rank 8" in body
+    assert ("no CUDA kernel" in body) == (fmt == "w4a8")
+    assert CARD["calibration"]["tokens_sha256"] in body and "| rank | 8 |" in body
+    assert str(tmp_path) not in card and str(source) not in card  # the same card whatever the DEST
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg[export.REQUIRES_ADAPTER_KEY]["adapter"] == export.ADAPTER_DIR
 
 
 def test_split_stages_load_like_whole_ones(source: Path, tmp_path: Path) -> None:

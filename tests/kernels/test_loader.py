@@ -236,3 +236,24 @@ def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bi
         b_logits = load_aser_model(str(theirs), backend="torch")(ids).logits
     # The zero-padded rank changes the matmul shapes, hence fp32 summation order: equal up to it.
     torch.testing.assert_close(a_logits, b_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_base_that_needs_its_adapter_warns_when_loaded_without(tiny_model, tmp_path: Path) -> None:
+    from aser.checkpoint import export
+    from aser.kernels.loader import MissingAdapterWarning
+
+    dest = tmp_path / "dest"
+    write_dest(tiny_model, dest, 8, _ranks(tiny_model))
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg[export.REQUIRES_ADAPTER_KEY] = {"adapter": export.ADAPTER_DIR}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingAdapterWarning)
+        load_aser_model(str(dest), backend="torch")  # with its adapter: no warning
+    for f in (dest / "aser_adapter").iterdir():
+        f.unlink()
+    (dest / "aser_adapter").rmdir()
+    with pytest.warns(MissingAdapterWarning, match="the base needs its adapter"):
+        load_aser_model(str(dest), backend="torch")
