@@ -59,8 +59,9 @@ COPIED_FILES: tuple[str, ...] = (
 )
 IGNORED_MODULES: tuple[str, ...] = ("lm_head",)
 # compressed_tensors.config.CompressionFormat values (int_quantized, pack_quantized).
-_COMPRESSION_FORMAT: dict[str, str] = {"w4a8": "int-quantized", "w4a16": "pack-quantized"}
-_PRESET = {"w4a8": "W4A8", "w4a16": "W4A16"}
+_COMPRESSION_FORMAT: dict[str, str] = {"w4a8": "int-quantized", "w4a16": "pack-quantized",
+                                       "w4a8-marlin": "pack-quantized"}
+_PRESET = {"w4a8": "W4A8", "w4a16": "W4A16", "w4a8-marlin": "W4A16"}
 
 
 class ExportError(ValueError):
@@ -120,6 +121,11 @@ def quantization_config(fmt: OutputFormat, group_size: int | None) -> Quantizati
 # config.json's key saying the base needs its adapter (read by aser's loader; any loader that
 # keeps unknown config keys shows it).
 REQUIRES_ADAPTER_KEY = "aser_requires_adapter"
+# config.json's key for activations the quantization_config does not state (w4a8-marlin: the
+# engine quantizes them, vLLM's Marlin under VLLM_MARLIN_INPUT_DTYPE=int8); aser's loader reads it.
+ACTIVATIONS_KEY = "aser_activations"
+MARLIN_ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True,
+                      "quantizer": "marlin", "serve": {"VLLM_MARLIN_INPUT_DTYPE": "int8"}}
 MODEL_CARD_NAME = "README.md"
 
 
@@ -148,6 +154,8 @@ def output_config(source_config: Mapping[str, object], fmt: OutputFormat, group_
         TRANSFORM_CONFIG_NAME: {},
         **qconfig,
     }
+    if fmt == "w4a8-marlin":
+        out[ACTIVATIONS_KEY] = dict(MARLIN_ACTIVATIONS)
     if requires_adapter:
         out[REQUIRES_ADAPTER_KEY] = {
             "adapter": ADAPTER_DIR,
@@ -389,6 +397,12 @@ def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, F
             "padded": padded}
 
 
+def base_holds_outliers(card: Mapping[str, Any] | None) -> bool:
+    """Whether the run's base holds its outlier columns (``base_outliers`` clipped or full), so
+    that it is a usable model without the adapter; with ``zero`` (or no method stated) it is not."""
+    return (card or {}).get("method", {}).get("base_outliers", "zero") != "zero"
+
+
 def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputFormat,
                source_config: Mapping[str, Any]) -> str:
     """DEST's README.md in the Hugging Face model-card form. Only what decides the bytes goes in
@@ -408,13 +422,23 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
              f"# {source_config.get('model_type', 'model')} quantized to {fmt} with ASER", "",
              f"Written by `aser quantize` (aser {card.get('aser_version', '?')}): weights INT{method.get('w_bits', 4)} "
              f"symmetric per {'group of ' + str(method['group_size']) if method.get('group_size') else 'output channel'}"
-             + (f", activations INT{method['a_bits']} dynamic per token" if fmt == "w4a8" else ", activations 16-bit")
-             + f", stored as compressed-tensors `{'int-quantized' if fmt == 'w4a8' else 'pack-quantized'}`.", ""]
+             + {"w4a8": f", activations INT{method.get('a_bits', 8)} dynamic per token",
+                "w4a8-marlin": ", activations INT8 dynamic per token as vLLM's Marlin kernel quantizes them "
+                               "(`VLLM_MARLIN_INPUT_DTYPE=int8`)"}.get(fmt, ", activations 16-bit")
+             + f", stored as compressed-tensors `{_COMPRESSION_FORMAT[fmt]}`.", ""]
     if adapter:
-        lines += ["**The base needs its adapter.** ASER moves each layer's outlier input columns and a low-rank "
-                  "correction of the quantization error into the LoRA adapter in `aser_adapter/`; the base "
-                  f"without it is far worse than the model. `config.json` says so under `{REQUIRES_ADAPTER_KEY}`.", "",
-                  f"Adapter: rank {r} for all {adapter.get('modules')} modules (modules that needed less are "
+        if base_holds_outliers(card):
+            lines += ["**The base alone is usable; the adapter is the model's accuracy.** The base holds every "
+                      "column at INT4, outlier input columns included (`base_outliers` = "
+                      f"{method.get('base_outliers')}); the LoRA adapter in `aser_adapter/` carries those "
+                      "columns' residual exactly and a low-rank correction of the quantization error. Without "
+                      "the adapter the base is a plain INT4 (RTN/GPTQ-class) model.", ""]
+        else:
+            lines += ["**The base needs its adapter.** ASER moves each layer's outlier input columns and a "
+                      "low-rank correction of the quantization error into the LoRA adapter in `aser_adapter/`; "
+                      "the base without it is far worse than the model. `config.json` says so under "
+                      f"`{REQUIRES_ADAPTER_KEY}`.", ""]
+        lines += [f"Adapter: rank {r} for all {adapter.get('modules')} modules (modules that needed less are "
                   f"zero-padded: {len(adapter.get('padded', {}))}), `lora_alpha` = {r} (scaling 1), no rsLoRA.", ""]
     lines += ["## Method", "", "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(v)} |" for k, v in sorted(method.items())]
@@ -428,14 +452,22 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
               *(['model = PeftModel.from_pretrained(model, "THIS_DIR/aser_adapter")'] if adapter else []),
               "```", "", "aser's own modules (the same W4A8 arithmetic, with its kernels):", "", "```bash",
               "aser eval THIS_DIR --eval TEXT_FILE --seq-len 512", "```", ""]
+    env = ("VLLM_MARLIN_INPUT_DTYPE=int8 VLLM_DISABLED_KERNELS=MacheteLinearKernel "
+           if fmt == "w4a8-marlin" else "")
+    lines += ["vLLM" + (", with the adapter as a LoRA module" if adapter else "") + ":", "", "```bash",
+              f"{env}vllm serve THIS_DIR" + (f" --enable-lora --lora-modules aser=THIS_DIR/aser_adapter "
+                                             f"--max-lora-rank {serve_rank if serve_rank else '(above vLLM limit of 512)'}"
+                                             if adapter else ""),
+              "```", ""]
     if adapter:
-        lines += ["vLLM, with the adapter as a LoRA module:", "", "```bash",
-                  f"vllm serve THIS_DIR --enable-lora --lora-modules aser=THIS_DIR/aser_adapter "
-                  f"--max-lora-rank {serve_rank if serve_rank else '(above vLLM limit of 512)'}",
-                  "```", "", "and request the model `aser` (aser's own tests have not served it with vLLM yet).", ""]
-        if fmt == "w4a8":
-            lines += ["vLLM has no CUDA kernel for this `int-quantized` W4A8 layout (its CPU and XPU backends "
-                      "serve it); for GPUs quantize with `--format w4a16` (pack-quantized INT4, served by Marlin).", ""]
+        lines += ["and request the model `aser`.", ""]
+    lines += [{"w4a8": "vLLM has no CUDA kernel for this `int-quantized` W4A8 layout; its CPU backend serves it "
+                       "(and XPU). For GPUs quantize with `--format w4a16-pack`.",
+               "w4a8-marlin": "The environment makes vLLM's Marlin kernel quantize activations to INT8 per token "
+                              "(W4A8 compute, the arithmetic this checkpoint was made and measured for); Machete, "
+                              "which vLLM prefers on Hopper, ignores it, hence the second variable. Without them "
+                              "vLLM serves the same files as W4A16.",
+               "w4a16": "Served as W4A16 by vLLM's Marlin or Machete kernels on GPUs."}[fmt], ""]
     return "\n".join(lines)
 
 
@@ -489,7 +521,8 @@ def finalize(
                 total += info.end - info.start
     source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
     written: dict[str, FileRecord] = {}
-    _write_text(dest, CONFIG_NAME, json.dumps(output_config(source_config, fmt, group_size, bool(adapter_parts)),
+    requires_adapter = bool(adapter_parts) and not base_holds_outliers(card)
+    _write_text(dest, CONFIG_NAME, json.dumps(output_config(source_config, fmt, group_size, requires_adapter),
                                               indent=2, sort_keys=True) + "\n", written)
     copied = []
     for name in COPIED_FILES:

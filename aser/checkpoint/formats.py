@@ -4,5 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-# w4a8: INT4 weights + dynamic per-token INT8 activations; w4a16: INT4 weights, 16-bit activations.
-OutputFormat = Literal["w4a8", "w4a16"]
+# w4a8: INT4 weights + dynamic per-token INT8 activations (compressed-tensors int-quantized, the
+# activation quantizer compressed-tensors defines); w4a16: INT4 weights (pack-quantized), 16-bit
+# activations; w4a8-marlin: the w4a16 files, computed with the INT8 activations vLLM's Marlin
+# kernel makes under VLLM_MARLIN_INPUT_DTYPE=int8 (its own quantizer, config.json says so).
+OutputFormat = Literal["w4a8", "w4a16", "w4a8-marlin"]
+
+# The --format names users pick, by the file layout they write.
+FORMAT_NAMES = ("w4a8-int", "w4a16-pack")

@@ -14,7 +14,7 @@ from torch import nn
 from aser.kernels.act_quant import quantize_activation_int8
 from aser.kernels.backend import BACKENDS, Backend
 from aser.kernels.gemm import LOWRANK_MODES, LowRankMode, w4a8_gemm, w4a16_gemm
-from aser.kernels.quant import pack_int4
+from aser.kernels.quant import ACT_QUANT_STYLES, pack_int4, quantize_activation_marlin
 
 W_BITS = 4
 A_BITS_SUPPORTED = (8, None)
@@ -42,10 +42,13 @@ class AserLinear(nn.Module):
         a_bits: int | None = 8,
         lowrank_mode: LowRankMode = "separate",
         backend: Backend = "auto",
+        a_style: str = "compressed-tensors",
     ) -> None:
         super().__init__()
         if a_bits not in A_BITS_SUPPORTED:
             raise ValueError(f"a_bits must be 8 (W4A8) or None (W4A16), got {a_bits}")
+        if a_style not in ACT_QUANT_STYLES:
+            raise ValueError(f"a_style must be one of {ACT_QUANT_STYLES}, got {a_style!r}")
         if lowrank_mode not in LOWRANK_MODES:
             raise ValueError(f"lowrank_mode must be one of {LOWRANK_MODES}, got {lowrank_mode!r}")
         if backend not in BACKENDS:
@@ -72,6 +75,9 @@ class AserLinear(nn.Module):
         self.in_features = in_features
         self.out_features = N
         self.a_bits = a_bits
+        # Whose INT8 activation quantizer: compressed-tensors' (our fused kernel) or vLLM
+        # Marlin's (kernels.quant.quantize_activation_marlin, in torch: fp32 scales).
+        self.a_style = a_style
         self.lowrank_mode: LowRankMode = lowrank_mode
         self.backend: Backend = backend
         self.register_buffer("weight_packed", weight_packed)
@@ -106,8 +112,11 @@ class AserLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.a_bits == 8:
-            qa = quantize_activation_int8(x2, backend=self.backend)
-            y = w4a8_gemm(qa.q, qa.scale, self.weight_packed, self.weight_scale, self.in_features,
+            if self.a_style == "marlin":
+                q_x, s_x = quantize_activation_marlin(x2)
+            else:
+                q_x, s_x, _ = quantize_activation_int8(x2, backend=self.backend)
+            y = w4a8_gemm(q_x, s_x, self.weight_packed, self.weight_scale, self.in_features,
                           x=x2, L_A=self.L_A, L_B=self.L_B, bias=self.bias, out_dtype=x.dtype,
                           lowrank_mode=self.lowrank_mode, backend=self.backend)
         else:
@@ -118,5 +127,5 @@ class AserLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"w_bits={W_BITS}, a_bits={self.a_bits}, rank={self.rank}, "
+                f"w_bits={W_BITS}, a_bits={self.a_bits}, a_style={self.a_style}, rank={self.rank}, "
                 f"bias={self.bias is not None}, lowrank_mode={self.lowrank_mode}")

@@ -14,6 +14,7 @@ parameters on the meta device; no full-precision copy of the model is ever mater
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from aser.checkpoint import storage
-from aser.checkpoint.export import REQUIRES_ADAPTER_KEY
+from aser.checkpoint.export import ACTIVATIONS_KEY, REQUIRES_ADAPTER_KEY
 from aser.checkpoint.safetensors_io import open_source, read_tensors
 from aser.kernels.backend import Backend
 from aser.kernels.gemm import LowRankMode
@@ -61,6 +62,7 @@ class QuantSpec:
     format: str
     w_bits: int
     a_bits: int | None
+    a_style: str = "compressed-tensors"  # whose INT8 activation quantizer (kernels.quant)
 
 
 def parse_quantization_config(qc: dict[str, Any]) -> QuantSpec:
@@ -98,6 +100,20 @@ def parse_quantization_config(qc: dict[str, Any]) -> QuantSpec:
     if len(a_bits_seen) != 1:
         raise AserLoadError("config.json: config_groups disagree on activation quantization")
     return QuantSpec(format=fmt, w_bits=4, a_bits=a_bits_seen.pop())
+
+
+def engine_activations(spec: QuantSpec, stated: Any) -> QuantSpec:
+    """config.json's ``aser_activations`` (activations a serving engine quantizes although the
+    quantization_config does not say so: vLLM Marlin's INT8 under VLLM_MARLIN_INPUT_DTYPE=int8)
+    applied to a weight-only spec."""
+    if stated is None:
+        return spec
+    if not isinstance(stated, dict) or stated.get("quantizer") != "marlin" or stated.get("num_bits") != 8:
+        raise AserLoadError(f"config.json: {ACTIVATIONS_KEY} must state the marlin INT8 quantizer, got {stated!r}")
+    if spec.a_bits is not None:
+        raise AserLoadError(f"config.json: {ACTIVATIONS_KEY} is given, but the quantization_config already "
+                            "quantizes activations")
+    return dataclasses.replace(spec, a_bits=8, a_style="marlin")
 
 
 @contextlib.contextmanager
@@ -213,7 +229,7 @@ def _quantized_linear(
         L_A, L_B = L_A.to(device, dtype), L_B.to(device, dtype)
     return AserLinear(
         packed.to(device), scale.to(device, dtype), K, L_A=L_A, L_B=L_B,
-        bias=None if bias is None else bias.to(device, dtype), a_bits=spec.a_bits,
+        bias=None if bias is None else bias.to(device, dtype), a_bits=spec.a_bits, a_style=spec.a_style,
         lowrank_mode=lowrank_mode, backend=backend,
     )
 
@@ -237,7 +253,7 @@ def load_aser_model(
     qc = cfg_dict.pop("quantization_config", None)
     if qc is None:
         raise AserLoadError(f"{storage.redact(dest)}/config.json has no quantization_config")
-    spec = parse_quantization_config(qc)
+    spec = engine_activations(parse_quantization_config(qc), cfg_dict.pop(ACTIVATIONS_KEY, None))
     requires_adapter = cfg_dict.pop(REQUIRES_ADAPTER_KEY, None)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:

@@ -104,8 +104,40 @@ def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     return _round_codes(x / scale, bits).to(torch.int8), scale
 
 
-def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """dequantize(quantize(x)) per token, in x's dtype."""
+def quantize_activation_marlin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM Marlin's INT8 input (``VLLM_MARLIN_INPUT_DTYPE=int8``: ``marlin_quant_input`` ->
+    ``per_token_quant_int8``, vllm/model_executor/layers/quantization/utils/int8_utils.py).
+
+    Per token, in fp32 whatever x's dtype: ``absmax = max(|x|, 1e-10)``, codes ``roundf(x * (127
+    / absmax))`` (CUDA roundf: half away from zero; within ±127 by construction, no -128) and
+    scale ``absmax / 127`` kept in fp32. This differs from compressed-tensors' dynamic INT8
+    (``quantize_activation``: absmax / 127.5, -128..127, half to even, in x's dtype). On a GPU,
+    Triton's fp32 ``127 / absmax`` is the fast division (within 2 ulp), so a code exactly at a
+    tie may differ there; nothing else does.
+
+    x: (..., K) float. Returns q: (..., K) int8 and scale: (..., 1) float32.
+    """
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10)
+    v = xf * (torch.full((), 127.0, device=x.device) / absmax)
+    whole = torch.trunc(v)  # v - whole is exact in fp32 for |v| <= 127
+    q = whole + torch.where((v - whole).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+    return q.to(torch.int8), absmax / torch.full((), 127.0, device=x.device)
+
+
+ACT_QUANT_STYLES = ("compressed-tensors", "marlin")
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int, style: str = "compressed-tensors") -> torch.Tensor:
+    """dequantize(quantize(x)) per token, in x's dtype. ``style``: whose INT8 quantizer
+    (``marlin``: ``quantize_activation_marlin``, 8 bits only)."""
+    if style == "marlin":
+        if bits != 8:
+            raise ValueError(f"the marlin activation quantizer is INT8 only, got {bits} bits")
+        qm, sm = quantize_activation_marlin(x)
+        return (qm.float() * sm).to(x.dtype)
+    if style != "compressed-tensors":
+        raise ValueError(f"activation quantizer style must be one of {ACT_QUANT_STYLES}, got {style!r}")
     q, scale = quantize_activation(x, bits)
     return q.to(x.dtype) * scale
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aser.pipeline.config import PROPAGATE_MODES, CalibConfig
-from aser.pipeline.flags import add_method_flags, given_method_fields
+from aser.pipeline.config import PROPAGATE_MODES, CalibConfig, apply_format
+from aser.pipeline.flags import add_method_flags, given_format, given_method_fields
 from aser.pipeline.sources import DEFAULT_SOURCE
 from aser.workers.reconstruct import MethodConfig
 
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 def method_from_args(a: argparse.Namespace) -> MethodConfig:
-    return MethodConfig.from_dict(given_method_fields(a))
+    fields = given_method_fields(a)
+    fmt = given_format(a)
+    return MethodConfig.from_dict(fields if fmt is None else apply_format(fields, fmt))
 
 
 def _load(source: str) -> tuple[Any, Any]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # version is then refused instead of silently reinterpreted.
 CONFIG_VERSION = 1
 
-from aser.checkpoint.formats import OutputFormat  # noqa: E402  (re-exported: the config names it)
+from aser.checkpoint.formats import FORMAT_NAMES, OutputFormat  # noqa: E402  (re-exported: the config names it)
 
 Propagate = Literal["fp", "quantized"]
 PROPAGATE_MODES: tuple[str, ...] = ("fp", "quantized")
@@ -178,11 +178,12 @@ class RunConfig:
 
     @property
     def output_format(self) -> OutputFormat:
-        """The checkpoint format, derived from the method's bit widths."""
+        """The checkpoint format, derived from the method's bit widths and activation quantizer."""
         w_bits, a_bits = self.method.w_bits, self.method.a_bits
         if w_bits != 4:
             raise ConfigError(f"method.w_bits must be 4 for export (w4a8 / w4a16), got {w_bits}")
-        return _a_bits_format(A_BITS_WEIGHT_ONLY if a_bits is None else a_bits)
+        fmt = _a_bits_format(A_BITS_WEIGHT_ONLY if a_bits is None else a_bits)
+        return "w4a8-marlin" if fmt == "w4a8" and self.method.act_quant == "marlin" else fmt
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the config version; the inverse of ``from_dict``."""
@@ -200,6 +201,11 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
         data = dict(data)
+        if "format" in data:  # a recipe's `format:` is method fields (see apply_format)
+            method = data.get("method", {})
+            if not isinstance(method, Mapping):
+                raise ConfigError(f"method must be a mapping, got {method!r}")
+            data["method"] = apply_format(method, data.pop("format"))
         version = data.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
             raise ConfigError(
@@ -227,6 +233,20 @@ class RunConfig:
             if required not in kwargs:
                 raise ConfigError(f"{required} is required")
         return cls(**kwargs)
+
+
+def apply_format(method: Mapping[str, Any], fmt: object) -> dict[str, Any]:
+    """``--format`` (or a recipe's ``format``) as the method fields that decide it: ``w4a8-int``
+    = compressed-tensors ``int-quantized`` with its INT8 activation quantizer (CPU/Arm/XPU
+    engines, transformers); ``w4a16-pack`` = ``pack-quantized`` INT4 for GPU kernels (vLLM
+    Marlin), computed with Marlin's INT8 activations (VLLM_MARLIN_INPUT_DTYPE=int8), or with
+    16-bit ones when a_bits is 16."""
+    if fmt not in FORMAT_NAMES:
+        raise ConfigError(f"format must be one of {', '.join(FORMAT_NAMES)}, got {fmt!r}")
+    weight_only = method.get("a_bits", 8) in (None, A_BITS_WEIGHT_ONLY)
+    if fmt == "w4a8-int" and weight_only:
+        raise ConfigError("format w4a8-int stores INT8 activations: a_bits must be 8, not 16")
+    return {**method, "act_quant": "marlin" if fmt == "w4a16-pack" and not weight_only else "compressed-tensors"}
 
 
 def _a_bits_format(a_bits: object) -> OutputFormat:

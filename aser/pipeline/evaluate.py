@@ -14,14 +14,16 @@ from torch.nn import functional as F
 from transformers import AutoTokenizer
 
 from aser.checkpoint import storage
+from aser.checkpoint.export import ACTIVATIONS_KEY
 from aser.kernels.loader import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
     MANIFEST_NAME,
     QuantSpec,
-    read_json,
+    engine_activations,
     load_aser_model,
     parse_quantization_config,
+    read_json,
 )
 from aser.pipeline import data
 
@@ -63,7 +65,8 @@ def _describe(dest: str, spec: QuantSpec) -> dict[str, Any]:
     if rank is None:
         cfg_url = storage.join(dest, ADAPTER_DIR, ADAPTER_CONFIG)
         rank = int(read_json(cfg_url).get("r", 0)) if storage.exists(cfg_url) else 0
-    return {"method": method, "rank": rank, "w_bits": spec.w_bits, "a_bits": spec.a_bits}
+    return {"method": method, "rank": rank, "w_bits": spec.w_bits, "a_bits": spec.a_bits,
+            "act_quant": spec.a_style if spec.a_bits is not None else None}
 
 
 def evaluate_dest(dest: str, eval_text_path: str, seq_len: int, max_windows: int | None) -> dict[str, Any]:
@@ -75,7 +78,8 @@ def evaluate_dest(dest: str, eval_text_path: str, seq_len: int, max_windows: int
     """
     t0 = time.perf_counter()
     cfg = read_json(storage.join(dest, "config.json"))
-    spec = parse_quantization_config(cfg.get("quantization_config") or {})
+    spec = engine_activations(parse_quantization_config(cfg.get("quantization_config") or {}),
+                              cfg.get(ACTIVATIONS_KEY))
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = load_aser_model(dest, device=device, dtype=dtype)

@@ -7,14 +7,15 @@ import argparse
 import functools
 from typing import Any
 
-from aser.pipeline.config import A_BITS_WEIGHT_ONLY
-from aser.workers.reconstruct import METHODS
+from aser.pipeline.config import A_BITS_WEIGHT_ONLY, FORMAT_NAMES
+from aser.workers.reconstruct import BASE_OUTLIERS, METHODS
 
 
 # dests of add_method_flags: each one a MethodConfig field of the same name.
 METHOD_FLAGS = (
     "method", "rank", "w_bits", "a_bits", "group_size", "alpha", "num_outliers", "outlier_mode",
-    "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd", "rank_energy",
+    "base_outliers", "reserve_rank", "smooth_channels", "alpha_grid", "outlier_grid", "damp", "svd",
+    "rank_energy",
 )
 
 
@@ -39,6 +40,10 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     """
     add = functools.partial(p.add_argument, default=argparse.SUPPRESS)
     add("--method", choices=METHODS)
+    add("--format", choices=FORMAT_NAMES,
+        help="w4a8-int: compressed-tensors int-quantized with INT8 activations (transformers, vLLM on "
+             "CPU/XPU); w4a16-pack: pack-quantized INT4 for GPU kernels (vLLM Marlin), computed with "
+             "Marlin's INT8 activations (VLLM_MARLIN_INPUT_DTYPE=int8) unless --a-bits 16")
     add("--rank", type=int)
     add("--w-bits", type=int)
     add("--a-bits", type=_a_bits, help="8 (W4A8), or 16 for no activation quantization (W4A16)")
@@ -46,6 +51,9 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     add("--alpha", type=float)
     add("--num-outliers", type=int)
     add("--outlier-mode", choices=("lowrank", "side", "none"))
+    add("--base-outliers", choices=BASE_OUTLIERS,
+        help="what the base holds in the outlier columns: zero (it needs its adapter), clipped, or "
+             "full (the scale covers them: the base alone is a usable RTN-class model)")
     add("--reserve-rank", action=argparse.BooleanOptionalAction)
     add("--smooth-channels", choices=("outliers", "all"))
     add("--alpha-grid", type=float, nargs="*")
@@ -58,3 +66,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 def given_method_fields(a: argparse.Namespace) -> dict[str, Any]:
     """The MethodConfig fields given as flags (absent flags are left to the defaults)."""
     return {name: getattr(a, name) for name in METHOD_FLAGS if hasattr(a, name)}
+
+
+def given_format(a: argparse.Namespace) -> str | None:
+    """``--format`` if given (``config.apply_format`` turns it into method fields)."""
+    return getattr(a, "format", None)

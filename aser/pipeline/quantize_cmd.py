@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from aser.pipeline.flags import add_method_flags, given_method_fields
+from aser.pipeline.flags import add_method_flags, given_format, given_method_fields
 from aser.pipeline.lease import DEFAULT_TTL_S
 from aser.pipeline.sources import DEFAULT_SOURCE
 
@@ -129,6 +129,8 @@ def config_from_args(a: argparse.Namespace) -> Any:
             _set(data, path, getattr(a, flag))
     for name, value in given_method_fields(a).items():
         _set(data, ("method", name), value)
+    if given_format(a) is not None:
+        data["format"] = given_format(a)
     data.setdefault("source", DEFAULT_SOURCE)
     data.setdefault("dest", DEFAULT_DEST)
     return RunConfig.from_dict(data)

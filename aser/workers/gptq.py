@@ -23,11 +23,13 @@ def gptq_quantize(
     damp: float = 1e-2,
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W: (N, K) float64, H: (K, K) float64 (the input Gram). Returns (q (N, K) int8, scale).
 
     scale: (N, 1) or (N, K // group_size), rounded through ``scale_dtype`` (the dtype the
     checkpoint stores) so that dequantising stored codes gives exactly what GPTQ assumed.
+    A given ``scale`` (N, num_groups) is used as is instead.
     """
     N, K = W.shape
     W = W.clone()
@@ -51,9 +53,13 @@ def gptq_quantize(
         s = symmetric_scale(cols.abs().amax(dim=1), bits)
         return s.to(scale_dtype).to(W.dtype) if scale_dtype is not None else s
 
-    scale = torch.empty(N, num_groups, dtype=W.dtype, device=W.device)
-    if group_size is None:
-        scale[:, 0] = _scale(W)
+    fixed = scale is not None
+    if scale is not None:
+        scale = scale.to(W.dtype).reshape(N, num_groups).clone()
+    else:
+        scale = torch.empty(N, num_groups, dtype=W.dtype, device=W.device)
+        if group_size is None:
+            scale[:, 0] = _scale(W)
     Q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -62,7 +68,7 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size is not None and col % g == 0:
+            if group_size is not None and col % g == 0 and not fixed:
                 scale[:, col // g] = _scale(W1[:, i : i + g])
             s = scale[:, col // g]
             w = W1[:, i]

@@ -28,6 +28,7 @@ class SimQuantLinear(nn.Module):
         L_B: torch.Tensor | None,
         a_bits: int | None,
         num_side: int = 0,
+        a_style: str = "compressed-tensors",
     ) -> None:
         super().__init__()
         self.num_side = num_side  # trailing columns of L_A that are exact 16-bit input columns
@@ -37,16 +38,18 @@ class SimQuantLinear(nn.Module):
         self.register_buffer("L_A", L_A)
         self.register_buffer("L_B", L_B)
         self.a_bits = a_bits
+        self.a_style = a_style  # whose INT8 activation quantizer (kernels.quant.ACT_QUANT_STYLES)
 
     @classmethod
     def from_result(
-        cls, res: LinearResult, bias: torch.Tensor | None, a_bits: int | None, group_size: int | None
+        cls, res: LinearResult, bias: torch.Tensor | None, a_bits: int | None, group_size: int | None,
+        a_style: str = "compressed-tensors",
     ) -> SimQuantLinear:
         W = dequantize_weight(res.q, res.scale, group_size)
-        return cls(W, bias, res.L_A, res.L_B, a_bits, int(res.metrics.get("num_side_columns", 0)))
+        return cls(W, bias, res.L_A, res.L_B, a_bits, int(res.metrics.get("num_side_columns", 0)), a_style)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = x if self.a_bits is None else fake_quantize_activation(x, self.a_bits)
+        xq = x if self.a_bits is None else fake_quantize_activation(x, self.a_bits, self.a_style)
         y = nn.functional.linear(xq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.L_A is not None and self.L_B is not None:
             y = y + (x @ self.L_B.to(x.dtype).T) @ self.L_A.to(x.dtype).T
@@ -54,7 +57,7 @@ class SimQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         r = 0 if self.L_A is None else self.L_A.shape[1]
-        return f"in={self.in_features}, out={self.out_features}, a_bits={self.a_bits}, rank={r}"
+        return f"in={self.in_features}, out={self.out_features}, a_bits={self.a_bits}, a_style={self.a_style}, rank={r}"
 
 
 def install_quantized(
@@ -65,7 +68,8 @@ def install_quantized(
     for name, res in results.items():
         parent_name, child = name.rsplit(".", 1)
         bias = sm.tensors.get(f"{name}.bias")
-        setattr(layer.get_submodule(parent_name), child, SimQuantLinear.from_result(res, bias, cfg.a_bits, cfg.group_size))
+        sim = SimQuantLinear.from_result(res, bias, cfg.a_bits, cfg.group_size, cfg.act_quant)
+        setattr(layer.get_submodule(parent_name), child, sim)
     params = dict(layer.named_parameters())
     for key, t in sm.tensors.items():
         mod = key.rsplit(".", 1)[0]

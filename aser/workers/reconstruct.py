@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from aser.kernels.quant import dequantize_weight, quantize_weight, weight_scale
+from aser.kernels.quant import ACT_QUANT_STYLES, dequantize_weight, quantize_weight, weight_scale
 from aser.workers.arch import LinearGroup, can_fold, fold_smoothing, groups_for
 from aser.workers.gptq import gptq_quantize
 from aser.workers.lowrank import (
@@ -36,6 +36,7 @@ METHODS = ("rtn", "smoothquant", "lorc", "l2qer", "er", "aser", "gptq", "gptq+er
 OUTLIER_MODES = ("lowrank", "side", "none")
 SMOOTH_CHANNELS = ("outliers", "all")
 SVD_MODES = ("exact", "randomized", "auto")
+BASE_OUTLIERS = ("zero", "clipped", "full")
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,19 @@ class MethodConfig:
     rank: int = 32  # (reading) fixed rank of the low-rank path; max rank when rank_energy is set
     w_bits: int = 4
     a_bits: int | None = 8  # None: weight-only (W4A16)
+    # Whose INT8 activation quantizer the model is computed with (kernels.quant.ACT_QUANT_STYLES):
+    # compressed-tensors' (the w4a8-int format) or vLLM Marlin's (w4a16-pack files served with
+    # VLLM_MARLIN_INPUT_DTYPE=int8). It decides the format `aser quantize` writes.
+    act_quant: str = "compressed-tensors"
     group_size: int | None = None  # None: per output channel (the ASER setting)
     alpha: float = 0.5  # (reading) smoothing strength m = a^α / w^(1-α)
     num_outliers: int = 8  # (reading) f; the paper's 32 eats a rank-32 budget on narrow models
     outlier_mode: str = "side"  # (reading) lowrank: zeroed columns land in E; side: exact 16-bit columns
     reserve_rank: bool = False  # side columns count against `rank` (equal adapter size)
+    # What the base holds in the outlier columns (the adapter's side columns hold the rest):
+    # zero (the base needs its adapter), clipped (codes at the other columns' scale), or full
+    # (the scale covers every column: the base alone is an RTN-class model).
+    base_outliers: str = "zero"
     smooth_channels: str = "outliers"  # (reading) which channels get m != 1
     alpha_grid: tuple[float, ...] = ()  # per-group search of α by the whitened error left
     outlier_grid: tuple[int, ...] = ()  # per-group search of f by the whitened error left
@@ -86,6 +95,12 @@ class MethodConfig:
             raise bad("outlier_grid", "values must be >= 0")
         if self.outlier_mode not in OUTLIER_MODES:
             raise bad("outlier_mode", f"must be one of {OUTLIER_MODES}")
+        if self.act_quant not in ACT_QUANT_STYLES:
+            raise bad("act_quant", f"must be one of {ACT_QUANT_STYLES}")
+        if self.act_quant == "marlin" and self.a_bits != 8:
+            raise bad("act_quant", "marlin quantizes activations to INT8 only (a_bits 8)")
+        if self.base_outliers not in BASE_OUTLIERS:
+            raise bad("base_outliers", f"must be one of {BASE_OUTLIERS}")
         if self.smooth_channels not in SMOOTH_CHANNELS:
             raise bad("smooth_channels", f"must be one of {SMOOTH_CHANNELS}")
         if not self.damp > 0:
@@ -264,20 +279,36 @@ def _group_error(
 
 def _quantize(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor | None, cfg: MethodConfig,
               scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (N, K) int8 and scales of W (N, K) float64; columns not in `keep` get code 0."""
+    """Codes (N, K) int8 and scales of W (N, K) float64.
+
+    Columns not in `keep` (the outliers) are zeroed for GPTQ/RTN (the adapter carries their
+    residual exactly, so no error of theirs is compensated in the others); their codes are then
+    ``cfg.base_outliers``: 0, or W's columns rounded at the row's scale (clipped to the INT
+    range), a scale over the kept columns only (clipped) or over every column (full).
+    """
+    def stored(s: torch.Tensor) -> torch.Tensor:  # rounded through the stored dtype
+        return s.to(scale_dtype).to(W.dtype)
+
+    given = None
+    if keep is not None and cfg.base_outliers == "full":
+        given = stored(weight_scale(W, cfg.w_bits, cfg.group_size))
     Wm = W if keep is None else torch.where(keep[None, :], W, torch.zeros((), dtype=W.dtype))
     if cfg.quantizer == "rtn":
-        # Round the scale through the stored dtype first: codes then match the stored scale.
-        scale = weight_scale(Wm, cfg.w_bits, cfg.group_size).to(scale_dtype).to(W.dtype)
-        return quantize_weight(Wm, cfg.w_bits, cfg.group_size, scale=scale)
-    if keep is None or cfg.group_size is not None:
-        return gptq_quantize(Wm, G, cfg.w_bits, group_size=cfg.group_size, damp=cfg.gptq_damp,
-                             block_size=cfg.gptq_block_size, scale_dtype=scale_dtype)
-    idx = keep.nonzero().squeeze(1)
-    q_keep, scale = gptq_quantize(W[:, idx], G[idx][:, idx], cfg.w_bits, damp=cfg.gptq_damp,
-                                  block_size=cfg.gptq_block_size, scale_dtype=scale_dtype)
-    q = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
-    q[:, idx] = q_keep
+        scale = given if given is not None else stored(weight_scale(Wm, cfg.w_bits, cfg.group_size))
+        q, scale = quantize_weight(Wm, cfg.w_bits, cfg.group_size, scale=scale)
+    elif keep is None or cfg.group_size is not None:
+        q, scale = gptq_quantize(Wm, G, cfg.w_bits, group_size=cfg.group_size, damp=cfg.gptq_damp,
+                                 block_size=cfg.gptq_block_size, scale_dtype=scale_dtype, scale=given)
+    else:
+        idx = keep.nonzero().squeeze(1)
+        q_keep, scale = gptq_quantize(W[:, idx], G[idx][:, idx], cfg.w_bits, damp=cfg.gptq_damp,
+                                      block_size=cfg.gptq_block_size, scale_dtype=scale_dtype,
+                                      scale=given)
+        q = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
+        q[:, idx] = q_keep
+    if keep is not None and cfg.base_outliers != "zero":
+        out = ~keep
+        q[:, out] = quantize_weight(W, cfg.w_bits, cfg.group_size, scale=scale)[0][:, out]
     return q, scale
 
 
@@ -337,7 +368,7 @@ def reconstruct_linear(
         assert outliers is not None
         sel = torch.zeros(f, W64.shape[1], dtype=torch.float64, device=W64.device)
         sel[torch.arange(f, device=W64.device), outliers.to(W64.device)] = 1.0
-        side_A = W64[:, outliers]
+        side_A = E[:, outliers]  # W̃'s columns less what the base holds there
         L_A = side_A if L_A is None else torch.cat([L_A, side_A], dim=1)
         L_B = sel if L_B is None else torch.cat([L_B, sel], dim=0)
     if L_A is not None:

@@ -50,8 +50,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return src
 
 
-def _export(src: Path, dest: Path, fmt: str) -> dict[str, dict[str, Lin]]:
-    return _export_url(str(src), str(dest), fmt)
+def _export(src: Path, dest: Path, fmt: str, card: dict | None = None) -> dict[str, dict[str, Lin]]:
+    return _export_url(str(src), str(dest), fmt, card=card)
 
 
 @pytest.mark.parametrize("fmt, a_bits", [("w4a8", 8), ("w4a16", None)])
@@ -191,7 +191,8 @@ def test_export_to_s3_equals_local(source: Path, tmp_path: Path, s3_bucket: str)
             assert fs.cat_file(f"{dest_url[5:]}/{rel}") == p.read_bytes(), rel
 
 
-def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = None) -> dict[str, dict[str, Lin]]:
+def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = None,
+                card: dict | None = None) -> dict[str, dict[str, Lin]]:
     """What the driver does, with round-to-nearest and random low-rank factors."""
     from aser.checkpoint import storage
 
@@ -216,8 +217,18 @@ def _export_url(src: str, dest: str, fmt: str, shard_size_bytes: int | None = No
         parts += [f for f in export.write_stage(dest, 1 + i, L, base, adapter, shard_size_bytes) if f.startswith(export.ADAPTER_PARTS_DIR)]
         all_lins[prefix] = lins
     export.write_stage(dest, L + 1, L, sio.read_tensors(source, ["model.norm.weight", "lm_head.weight"]))
-    export.finalize(dest, src, L, fmt, None, parts, CARD)  # type: ignore[arg-type]
+    export.finalize(dest, src, L, fmt, None, parts, card or CARD)  # type: ignore[arg-type]
     return all_lins
+
+
+
+def test_a_base_that_holds_its_outlier_columns_is_not_flagged(source: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    _export(source, dest, "w4a8", card={**CARD, "method": {**CARD["method"], "base_outliers": "clipped"}})
+    body = (dest / export.MODEL_CARD_NAME).read_text()
+    assert "**The base alone is usable" in body and "needs its adapter" not in body
+    assert "| base_outliers | \"clipped\" |" in body
+    assert export.REQUIRES_ADAPTER_KEY not in json.loads((dest / "config.json").read_text())
 
 
 CARD = {"aser_version": "0.1.0", "method": {"method": "aser", "rank": 8, "w_bits": 4, "a_bits": 8},

@@ -138,14 +138,14 @@ class FakeQuantLinear(nn.Module):
     side of -127.5 (code -127 or -128) for about one token in eight, unlike in fp32.
     """
 
-    def __init__(self, p: QuantizedPieces, a_bits: int | None) -> None:
+    def __init__(self, p: QuantizedPieces, a_bits: int | None, a_style: str = "compressed-tensors") -> None:
         super().__init__()
-        self.p, self.a_bits = p, a_bits
+        self.p, self.a_bits, self.a_style = p, a_bits, a_style
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) float -> (..., N) float64."""
         x64 = x.double()
-        xa = fake_quantize_activation(x, 8).double() if self.a_bits == 8 else x64
+        xa = fake_quantize_activation(x, 8, self.a_style).double() if self.a_bits == 8 else x64
         y = xa @ dequantize_weight(self.p.q, self.p.scale.double()).T
         if self.p.L_A is not None and self.p.L_B is not None:
             y = y + (x64 @ self.p.L_B.double().T) @ self.p.L_A.double().T

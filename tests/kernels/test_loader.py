@@ -201,17 +201,13 @@ def test_evaluate_dest_on_stories260k(stories_dir: Path, data_dir: Path, tmp_pat
     assert abs(out["ppl"] - sim_ppl) <= tol("ppl_vs_quant_effect") * abs(sim_ppl - fp_ppl)
 
 
-@pytest.mark.parametrize("fmt,a_bits", [("w4a8", 8), ("w4a16", None)])
-def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bits):
-    """Integration with aser/checkpoint/export.py: its per-layer tensors, config and adapter
-    config, put in one file, load to the same model as the test writer's DEST."""
+def _export_like_finalize(tiny_model, pieces: dict[str, QuantizedPieces], theirs: Path, fmt: str) -> None:
+    """What aser/checkpoint/export.py writes for these pieces (per-layer tensors, config, the
+    adapter padded to one rank), in one file."""
     from safetensors.torch import save_file
 
     from aser.checkpoint import export
 
-    ours = tmp_path / "ours"
-    pieces = write_dest(tiny_model, ours, a_bits, _ranks(tiny_model))
-    theirs = tmp_path / "theirs"
     (theirs / "aser_adapter").mkdir(parents=True)
     sd = tiny_model.state_dict()
     base: dict[str, torch.Tensor] = {k: v for k, v in sd.items() if not k.startswith("model.layers.")}
@@ -230,6 +226,51 @@ def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bi
     save_file(adapter, str(theirs / "aser_adapter" / "adapter_model.safetensors"))
     (theirs / "aser_adapter" / "adapter_config.json").write_text(
         json.dumps(export.adapter_config(list(_ranks(tiny_model)), r), default=str))
+
+
+def test_w4a16_pack_computed_with_marlins_int8_loads_with_that_quantizer(tiny_model, tmp_path: Path) -> None:
+    """--format w4a16-pack (a_bits 8): pack-quantized files whose quantization_config states
+    weights only (what vLLM's Marlin reads), and config.json's aser_activations saying the engine
+    quantizes activations as Marlin does under VLLM_MARLIN_INPUT_DTYPE=int8: aser's loader
+    computes exactly that, transformers reads the same files as W4A16."""
+    from aser.checkpoint import export
+
+    pieces = write_dest(tiny_model, tmp_path / "ours", 8, _ranks(tiny_model))
+    dest = tmp_path / "marlin"
+    _export_like_finalize(tiny_model, pieces, dest, "w4a8-marlin")
+    cfg = json.loads((dest / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format"] == "pack-quantized" and cfg[export.ACTIVATIONS_KEY]["quantizer"] == "marlin"
+    assert all(g.get("input_activations") is None for g in qc["config_groups"].values())
+    model = load_aser_model(str(dest), backend="torch")
+    lin = model.model.layers[1].mlp.down_proj
+    assert isinstance(lin, AserLinear) and (lin.a_bits, lin.a_style) == (8, "marlin")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    for name, (x, y) in _linear_io(model, ids, sorted(pieces)).items():
+        sim = FakeQuantLinear(pieces[name], 8, "marlin").simulate(x)
+        assert rel_err(y, sim) <= tol("e2e_per_linear"), name
+        # compressed-tensors' quantizer (absmax / 127.5, half to even) is measurably another one
+        assert rel_err(FakeQuantLinear(pieces[name], 8).simulate(x), sim) > 10 * tol("e2e_per_linear"), name
+    # transformers (compressed-tensors) reads the same files as W4A16: each base linear is the
+    # W4A16 simulation without the adapter
+    hf = AutoModelForCausalLM.from_pretrained(dest).eval()
+    for name, (x, y_hf) in _linear_io(hf, ids, sorted(pieces)).items():
+        base = FakeQuantLinear(replace(pieces[name], L_A=None, L_B=None), None).simulate(x)
+        assert rel_err(y_hf, base) <= tol("e2e_per_linear"), name
+    cfg[export.ACTIVATIONS_KEY] = {"quantizer": "fp8"}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AserLoadError, match="aser_activations must state the marlin INT8 quantizer"):
+        load_aser_model(str(dest), backend="torch")
+
+
+@pytest.mark.parametrize("fmt,a_bits", [("w4a8", 8), ("w4a16", None)])
+def test_loads_what_pipeline_export_writes(tiny_model, tmp_path: Path, fmt, a_bits):
+    """Integration with aser/checkpoint/export.py: its per-layer tensors, config and adapter
+    config, put in one file, load to the same model as the test writer's DEST."""
+    ours = tmp_path / "ours"
+    pieces = write_dest(tiny_model, ours, a_bits, _ranks(tiny_model))
+    theirs = tmp_path / "theirs"
+    _export_like_finalize(tiny_model, pieces, theirs, fmt)
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         a_logits = load_aser_model(str(ours), backend="torch")(ids).logits

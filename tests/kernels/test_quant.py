@@ -158,3 +158,39 @@ def test_scales_divide_by_a_tensor_not_a_python_scalar():
     assert divisors and all(d == ("div", "Tensor") for d in divisors[:1]), divisors
     exact = torch.tensor([float(a) / 127.5 for a in absmax.flatten().double()], dtype=torch.float64)
     assert torch.equal(scale.flatten(), exact.float())
+
+
+def _marlin_oracle(row: list[float]) -> tuple[list[int], float]:
+    """vLLM's per_token_quant_int8 in numpy fp32 steps, roundf by hand in float64."""
+    import math
+
+    import numpy as np
+
+    x = np.asarray(row, dtype=np.float32)
+    absmax = max(np.float32(np.abs(x).max()), np.float32(1e-10))
+    v = x * (np.float32(127.0) / absmax)
+    return [int(math.copysign(math.floor(abs(float(e)) + 0.5), float(e))) for e in v], float(absmax / np.float32(127.0))
+
+
+def test_marlin_activation_quantizer_is_vllms_per_token_int8() -> None:
+    # Ties round away from zero (2.5 -> 3, -2.5 -> -3; half to even would give 2, -2) and the
+    # negative extreme is -127, never -128.
+    q, scale = quant.quantize_activation_marlin(torch.tensor([[127.0, 2.5, -2.5, 1.5, 0.49999997], [-127.0, 5.0, 0.0, 0.0, 0.0]]))
+    assert q.tolist() == [[127, 3, -3, 2, 0], [-127, 5, 0, 0, 0]] and scale.dtype == torch.float32
+    assert scale.flatten().tolist() == [1.0, 1.0]
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(64, 96, generator=g) * torch.logspace(-2, 1, 96)).to(dtype)
+        x[3] = 0.0  # an all-zero row: absmax floored at 1e-10, codes 0
+        q, scale = quant.quantize_activation_marlin(x)
+        for i in range(x.shape[0]):
+            codes, s = _marlin_oracle(x[i].float().tolist())
+            assert q[i].tolist() == codes and scale[i, 0].item() == s
+    ct_q, _ = quant.quantize_activation(x.float(), 8)
+    assert not torch.equal(ct_q, q)  # a different quantizer from compressed-tensors' (/127.5, half to even)
+    fq = quant.fake_quantize_activation(x, 8, style="marlin")
+    assert fq.dtype == x.dtype and torch.equal(fq, (q.float() * scale).to(x.dtype))
+    with pytest.raises(ValueError, match="INT8 only"):
+        quant.fake_quantize_activation(x, 4, style="marlin")
+    with pytest.raises(ValueError, match="style must be one of"):
+        quant.fake_quantize_activation(x, 8, style="fp8")

@@ -63,6 +63,33 @@ def test_flags_equal_to_the_default_still_override_the_recipe(tmp_path: Path) ->
     assert _config(["--recipe", recipe, "--no-reserve-rank"]).method.reserve_rank is False
 
 
+def test_base_outliers_from_the_flag_or_the_recipe(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "method: {base_outliers: full}\nsource: s3://b/src\ndest: s3://b/dst\n")
+    assert _config(["--recipe", recipe]).method.base_outliers == "full"
+    assert _config(["--recipe", recipe, "--base-outliers", "clipped"]).method.base_outliers == "clipped"
+    with pytest.raises(ConfigError, match="base_outliers must be one of"):
+        _config(["--recipe", _recipe(tmp_path, "method: {base_outliers: half}\nsource: s3://b/src\ndest: s3://b/dst\n")])
+
+
+def test_format_picks_the_layout_and_the_activation_quantizer(tmp_path: Path) -> None:
+    assert _config([]).output_format == "w4a8"  # compressed-tensors int-quantized
+    c = _config(["--format", "w4a16-pack"])
+    assert (c.method.act_quant, c.output_format) == ("marlin", "w4a8-marlin")
+    c = _config(["--format", "w4a16-pack", "--a-bits", "16"])
+    assert (c.method.act_quant, c.output_format) == ("compressed-tensors", "w4a16")
+    assert _config(["--format", "w4a8-int"]).output_format == "w4a8"
+    with pytest.raises(ConfigError, match="w4a8-int stores INT8 activations"):
+        _config(["--format", "w4a8-int", "--a-bits", "16"])
+    recipe = _recipe(tmp_path, "format: w4a16-pack\nmethod: {rank: 8}\nsource: s3://b/src\ndest: s3://b/dst\n")
+    assert _config(["--recipe", recipe]).output_format == "w4a8-marlin"
+    assert _config(["--recipe", recipe, "--format", "w4a8-int"]).output_format == "w4a8"  # the flag wins
+    with pytest.raises(ConfigError, match="format must be one of w4a8-int, w4a16-pack"):
+        _config(["--recipe", _recipe(tmp_path, "format: w4a8\nsource: s3://b/src\ndest: s3://b/dst\n")])
+    assert cli.method_from_args(_parse(["simulate", "--eval", "e.txt", "--format", "w4a16-pack"])).act_quant == "marlin"
+    with pytest.raises(ValueError, match="marlin quantizes activations to INT8 only"):
+        MethodConfig(act_quant="marlin", a_bits=None).validate()
+
+
 def test_recipe_method_must_be_a_mapping_when_flags_add_to_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="method must be a mapping"):
         _config(["--recipe", _recipe(tmp_path, "method: aser\n"), "--rank", "8"])

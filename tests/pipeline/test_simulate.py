@@ -104,3 +104,19 @@ def test_cli_bad_values_fail_before_work(stories_dir, data_dir, capsys):
     assert "method.rank" in capsys.readouterr().err
     assert cli.main(["simulate", str(stories_dir), "--calib", sample, "--seq-len", "4096", "--eval", sample,
                      "--max-windows", "1", "--seq-len", "4096"]) == 2
+
+
+def test_the_simulated_model_quantizes_activations_as_the_format_serves_them(stories, data_dir):
+    """--format w4a16-pack (Marlin's INT8 activations) and w4a8-int (compressed-tensors') give
+    differently quantized models from the same reconstruction."""
+    model, tok = stories
+    calib = data.calibration_windows(data.tokenize(tok, (data_dir / "tinystories" / "sample.txt").read_text()), 4, 32, seed=1)
+    logits = {}
+    for style in ("compressed-tensors", "marlin"):
+        m = copy.deepcopy(model)
+        simulate.apply_method(m, MethodConfig(method="aser", rank=4, act_quant=style), tokens=calib, propagate="fp")
+        sims = [mod for mod in m.modules() if isinstance(mod, simulate.SimQuantLinear)]
+        assert sims and {s.a_style for s in sims} == {style}
+        with torch.no_grad():
+            logits[style] = m(calib[:1]).logits
+    assert not torch.equal(logits["compressed-tensors"], logits["marlin"])

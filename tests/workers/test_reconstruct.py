@@ -116,6 +116,35 @@ def test_side_columns_are_exact_and_cost_rank():
     assert reserved.rank == 8
 
 
+@pytest.mark.parametrize("method", ["aser", "gptq+aser"])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_what_the_base_holds_in_the_outlier_columns(method, group_size):
+    W, st = _linear_problem(8)
+    O = torch.tensor([3, 20])
+    W[:, 3] *= 30  # a smoothed outlier column: far beyond the other columns' range
+    keep = ~torch.isin(torch.arange(64), O)
+    res = {b: reconstruct_linear(W, st, O, MethodConfig(method=method, rank=4, base_outliers=b, group_size=group_size))
+           for b in ("zero", "clipped", "full")}
+    assert (res["zero"].q[:, O] == 0).all()
+    # clipped: the kept columns and their scale are the zero layout's; the outliers rounded at that scale
+    assert torch.equal(res["clipped"].q[:, keep], res["zero"].q[:, keep])
+    assert torch.equal(res["clipped"].scale, res["zero"].scale)
+    torch.testing.assert_close(res["clipped"].q[:, O], quantize_weight(W, 4, group_size, scale=res["zero"].scale)[0][:, O],
+                               rtol=0, atol=0)
+    assert (res["clipped"].q[:, 3].abs() >= 7).float().mean() > 0.5  # mostly clipped
+    # full: the scale covers every column, so no outlier code is clipped
+    torch.testing.assert_close(res["full"].scale, quantize_weight(W, 4, group_size)[1], rtol=0, atol=0)
+    assert (res["full"].scale[:, 0] > res["zero"].scale[:, 0]).double().mean() > 0.5  # column 3's group
+    for r in res.values():
+        # base + adapter holds the outlier columns exactly whatever the base holds there
+        Wh = dequantize_weight(r.q, r.scale, group_size) + r.L_A @ r.L_B
+        torch.testing.assert_close(Wh[:, O], W[:, O], rtol=1e-12, atol=1e-12)
+        assert r.rank == 4 + 2
+    # the base alone: the outlier columns' part of the output error is smaller the more the base holds
+    base_err = {b: output_error_sq(W - dequantize_weight(r.q, r.scale, group_size), st.gram) for b, r in res.items()}
+    assert base_err["full"] < base_err["zero"] / 10 and base_err["clipped"] < base_err["zero"]
+
+
 def test_lowrank_mode_puts_extracted_columns_into_the_error():
     W, st = _linear_problem(3)
     O = torch.tensor([3])

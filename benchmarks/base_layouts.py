@@ -1,0 +1,99 @@
+"""What the base holds in ASER's outlier columns (`--base-outliers`), measured: for each layout,
+`aser quantize` on SmolLM2-135M, then the perplexity of the written base alone and of base +
+adapter, both loaded through transformers + PEFT (what a user of the checkpoint runs), on the
+same test windows.
+
+    zero     the base holds 0 there; the adapter carries the columns exactly (ASER's own layout)
+    clipped  the base holds the columns rounded at the row's scale of the other columns (clipped
+             to INT4); the adapter carries the rest exactly
+    full     the row's scale covers every column; the base holds the columns rounded; the adapter
+             carries the rest exactly
+
+Full size (minutes per layout on this 2-core CPU):
+    python benchmarks/base_layouts.py
+Smoke run (seconds):
+    python benchmarks/base_layouts.py --source builtin:stories260k \
+        --calib ../shared/data/tinystories/sample.txt --eval ../shared/data/tinystories/sample.txt \
+        --num-samples 8 --seq-len 64 --rank 8 --eval-seq-len 64 --eval-windows 8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_smollm2 import ROOT, data_relative, run_parser  # noqa: E402
+
+LAYOUTS = ("zero", "clipped", "full")
+
+
+def main() -> int:
+    p = run_parser(__doc__, 64)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "base_layouts.json"))
+    a = p.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aser.pipeline import data, evaluate
+    from aser.pipeline.sources import resolve_source
+
+    src = resolve_source(a.source)
+    tok = AutoTokenizer.from_pretrained(src)
+    windows = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.eval_seq_len, a.eval_windows)
+    fp_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    out: dict = {"source": a.source, "method": "aser", "rank": a.rank,
+                 "calibration": f"{a.num_samples} x {a.seq_len} of {data_relative(a.calib)}",
+                 "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {data_relative(a.eval)}",
+                 "engine": "transformers + compressed-tensors (+ PEFT for the adapter), float32",
+                 "ppl_fp": evaluate.perplexity(fp_model, windows), "layouts": {}}
+    del fp_model
+    print(f"fp perplexity {out['ppl_fp']:.3f} ({out['eval']})", flush=True)
+    for layout in a.layouts:
+        with tempfile.TemporaryDirectory(prefix="aser-layout-") as tmp:
+            dest = str(Path(tmp) / "out")
+            cmd = [sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source, dest,
+                   "--calib", a.calib, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
+                   "--rank", str(a.rank), "--base-outliers", layout, "--workers", "1", "--json",
+                   "--no-progress"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                return proc.returncode
+            config = json.loads((Path(dest) / "config.json").read_text())
+            adapter_config = json.loads((Path(dest) / "aser_adapter" / "adapter_config.json").read_text())
+            model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+            ppl_base = evaluate.perplexity(model, windows)
+            model = PeftModel.from_pretrained(model, str(Path(dest) / "aser_adapter")).eval()
+            ppl = evaluate.perplexity(model, windows)
+        out["layouts"][layout] = {
+            "ppl_base_alone": ppl_base, "ppl_base_with_adapter": ppl, "quantize_wall_s": wall,
+            "adapter_rank": adapter_config["r"],
+            "config_requires_adapter": "aser_requires_adapter" in config,
+        }
+        print(f"{layout:>8}: base alone {ppl_base:12.3f}   base + adapter {ppl:8.3f}   "
+              f"(quantize {wall:.0f} s, adapter rank {adapter_config['r']})", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
