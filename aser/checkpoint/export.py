@@ -445,10 +445,17 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
     lines += ["", "## Calibration", "",
               f"{calib.get('num_samples')} sequences of {calib.get('seq_len')} tokens; sha256 of the token ids: "
               f"`{calib.get('tokens_sha256')}`.", "", "## Use", "", "`THIS_DIR` is this folder (local or a bucket URL "
-              "fsspec reads).", "", "transformers + PEFT:", "", "```python",
-              "from transformers import AutoModelForCausalLM",
-              "from peft import PeftModel",
-              'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")',
+              "fsspec reads).", "", "transformers + PEFT"
+              + (" (activations 16-bit: transformers does not quantize them for this format)"
+                 if fmt == "w4a8-marlin" else "") + ":", "", "```python",
+              *(["from transformers import AutoModelForCausalLM", "from peft import PeftModel",
+                 'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")'] if fmt == "w4a8" else
+                ["from transformers import AutoModelForCausalLM, CompressedTensorsConfig",
+                 "from peft import PeftModel",
+                 "# Dense weights: transformers >= 5 keeps pack-quantized ones packed until a first forward,",
+                 "# and PEFT wraps a Linear's `weight` (transformers >= 5 also spells it dequantize=True).",
+                 'model = AutoModelForCausalLM.from_pretrained("THIS_DIR", '
+                 'quantization_config=CompressedTensorsConfig(run_compressed=False))']),
               *(['model = PeftModel.from_pretrained(model, "THIS_DIR/aser_adapter")'] if adapter else []),
               "```", "", "aser's own modules (the same W4A8 arithmetic, with its kernels):", "", "```bash",
               "aser eval THIS_DIR --eval TEXT_FILE --seq-len 512", "```", ""]

@@ -235,7 +235,25 @@ CARD = {"aser_version": "0.1.0", "method": {"method": "aser", "rank": 8, "w_bits
         "calibration": {"num_samples": 12, "seq_len": 64, "tokens_sha256": "ab" * 32}}
 
 
-@pytest.mark.parametrize("fmt", ["w4a8", "w4a16"])
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a16", "w4a8-marlin"])
+def test_the_model_cards_python_loads_the_model_with_its_adapter(source: Path, tmp_path: Path, fmt: str) -> None:
+    """The card's transformers + PEFT lines, run as written: pack-quantized bases stay
+    compressed in transformers >= 5 until a first forward unless loaded dense, and PEFT needs
+    a Linear's weight."""
+    dest = tmp_path / "out"
+    lins = _export(source, dest, fmt)
+    card = (dest / export.MODEL_CARD_NAME).read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_DIR", str(dest))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own snippet
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = scope["model"].eval()(ids).logits
+        ref = _ref_logits(source, lins, 8 if fmt == "w4a8" else None, lowrank=True, ids=ids)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a16", "w4a8-marlin"])
 def test_model_card_and_config_say_the_base_needs_its_adapter(source: Path, tmp_path: Path, fmt: str) -> None:
     import yaml
 
@@ -249,6 +267,7 @@ def test_model_card_and_config_say_the_base_needs_its_adapter(source: Path, tmp_
     assert "**The base needs its adapter.**" in body
     assert "--enable-lora --lora-modules aser=THIS_DIR/aser_adapter --max-lora-rank 8" in body
     assert ("no CUDA kernel" in body) == (fmt == "w4a8")
+    assert ("VLLM_MARLIN_INPUT_DTYPE=int8 VLLM_DISABLED_KERNELS=MacheteLinearKernel vllm serve" in body) == (fmt == "w4a8-marlin")
     assert CARD["calibration"]["tokens_sha256"] in body and "| rank | 8 |" in body
     assert str(tmp_path) not in card and str(source) not in card  # the same card whatever the DEST
     cfg = json.loads((dest / "config.json").read_text())
