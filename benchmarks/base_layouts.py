@@ -76,7 +76,6 @@ def main() -> int:
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 return proc.returncode
-            config = json.loads((Path(dest) / "config.json").read_text())
             adapter_config = json.loads((Path(dest) / "aser_adapter" / "adapter_config.json").read_text())
             model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
             ppl_base = evaluate.perplexity(model, windows)
@@ -85,7 +84,6 @@ def main() -> int:
         out["layouts"][layout] = {
             "ppl_base_alone": ppl_base, "ppl_base_with_adapter": ppl, "quantize_wall_s": wall,
             "adapter_rank": adapter_config["r"],
-            "config_requires_adapter": "aser_requires_adapter" in config,
         }
         print(f"{layout:>8}: base alone {ppl_base:12.3f}   base + adapter {ppl:8.3f}   "
               f"(quantize {wall:.0f} s, adapter rank {adapter_config['r']})", flush=True)

@@ -397,12 +397,6 @@ def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, F
             "padded": padded}
 
 
-def base_holds_outliers(card: Mapping[str, Any] | None) -> bool:
-    """Whether the run's base holds its outlier columns (``base_outliers`` clipped or full), so
-    that it is a usable model without the adapter; with ``zero`` (or no method stated) it is not."""
-    return (card or {}).get("method", {}).get("base_outliers", "zero") != "zero"
-
-
 def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputFormat,
                source_config: Mapping[str, Any]) -> str:
     """DEST's README.md in the Hugging Face model-card form. Only what decides the bytes goes in
@@ -427,17 +421,14 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
                                "(`VLLM_MARLIN_INPUT_DTYPE=int8`)"}.get(fmt, ", activations 16-bit")
              + f", stored as compressed-tensors `{_COMPRESSION_FORMAT[fmt]}`.", ""]
     if adapter:
-        if base_holds_outliers(card):
-            lines += ["**The base alone is usable; the adapter is the model's accuracy.** The base holds every "
-                      "column at INT4, outlier input columns included (`base_outliers` = "
-                      f"{method.get('base_outliers')}); the LoRA adapter in `aser_adapter/` carries those "
-                      "columns' residual exactly and a low-rank correction of the quantization error. Without "
-                      "the adapter the base is a plain INT4 (RTN/GPTQ-class) model.", ""]
-        else:
-            lines += ["**The base needs its adapter.** ASER moves each layer's outlier input columns and a "
-                      "low-rank correction of the quantization error into the LoRA adapter in `aser_adapter/`; "
-                      "the base without it is far worse than the model. `config.json` says so under "
-                      f"`{REQUIRES_ADAPTER_KEY}`.", ""]
+        holds = method.get("base_outliers", "zero")
+        lines += ["**The base needs its adapter.** ASER moves each layer's outlier input columns and a "
+                  "low-rank correction of the quantization error into the LoRA adapter in `aser_adapter/`; "
+                  "the base without it is far worse than the model. `config.json` says so under "
+                  f"`{REQUIRES_ADAPTER_KEY}`."
+                  + ("" if holds == "zero" else
+                     f" (This base holds the outlier columns at INT4, `base_outliers` = {holds}, and the adapter "
+                     "their residual; on SmolLM2-135M that still left the base alone far from usable.)"), ""]
         lines += [f"Adapter: rank {r} for all {adapter.get('modules')} modules (modules that needed less are "
                   f"zero-padded: {len(adapter.get('padded', {}))}), `lora_alpha` = {r} (scaling 1), no rsLoRA.", ""]
     lines += ["## Method", "", "| parameter | value |", "|---|---|"]
@@ -528,8 +519,7 @@ def finalize(
                 total += info.end - info.start
     source_config = json.loads(storage.read_text(storage.join(source, CONFIG_NAME)))
     written: dict[str, FileRecord] = {}
-    requires_adapter = bool(adapter_parts) and not base_holds_outliers(card)
-    _write_text(dest, CONFIG_NAME, json.dumps(output_config(source_config, fmt, group_size, requires_adapter),
+    _write_text(dest, CONFIG_NAME, json.dumps(output_config(source_config, fmt, group_size, bool(adapter_parts)),
                                               indent=2, sort_keys=True) + "\n", written)
     copied = []
     for name in COPIED_FILES:
