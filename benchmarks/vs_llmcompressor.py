@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline_smollm2 import data_relative, run_parser  # noqa: E402
+from pipeline_smollm2 import data_relative, quantize_cmd, run_parser, run_timed  # noqa: E402
 
 LLMCOMPRESSOR = "llmcompressor==0.14.0"
 DEFAULT_VENV = Path.home() / ".cache" / "aser" / "bench" / "llmcompressor-0.14.0"
@@ -47,16 +46,6 @@ def ensure_venv(venv: Path) -> Path:
     for pkgs in ([torch_pin], [LLMCOMPRESSOR]):
         subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], check=True)
     return py
-
-
-def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
-    return wall, proc.stdout.strip().splitlines()[-1]
 
 
 def main() -> int:
@@ -91,10 +80,7 @@ def main() -> int:
         lc_wall, lc_line = run_timed([str(lc_python), str(ROOT / "benchmarks" / "llmcompressor_side.py"), "--model", src,
                                       "--calib", str(calib_pt), "--out", str(lc_out), "--threads", str(a.threads)], env)
         lc = json.loads(lc_line)
-        aser_wall, aser_line = run_timed([sys.executable, "-m", "aser.pipeline.quantize_cmd", "quantize", a.source,
-                                          str(ours), "--calib", a.calib, "--num-samples", str(a.num_samples),
-                                          "--seq-len", str(a.seq_len), "--rank", str(a.rank),
-                                          "--cpus-per-worker", str(a.threads), "--json", "--no-progress"], env)
+        aser_wall, aser_line = run_timed(quantize_cmd(a, str(ours), "--cpus-per-worker", str(a.threads)), env)
         summary = json.loads(aser_line)["summary"]
         mf = manifest.load_manifest(str(ours))
         assert mf is not None and mf.calibration_sha256 == manifest.calibration_sha256(calib), "calibration differs"
