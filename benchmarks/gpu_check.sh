@@ -11,6 +11,8 @@
 #             % of the INT8 dense peak (1979 TOPS on H100/H200)
 #   quantize  aser quantize of stories260K with GPU workers (Ray, calibration actors and
 #             reconstruction tasks on the GPU), then aser eval (perplexity through the kernels)
+#   quantize_pack, eval_pack  the same with --format w4a16-pack: the pack-quantized files vLLM's
+#             Marlin serves, evaluated with Marlin's INT8 activation quantizer (fp32 scales)
 #   scale     benchmarks/scale_layer.py: two Llama-3-70B-sized layers through the pipeline on the
 #             GPU, stage times and peak host/GPU memory per process
 #   smollm2_shape  the same at SmolLM2-135M's shape and depth, 128 x 512 calibration tokens
@@ -89,6 +91,9 @@ if [[ $DRY == 1 ]]; then
   step quantize 600 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest" --calib "$CALIB" \
     --num-samples 8 --seq-len 64 --workers 1 --no-progress --json
   step eval 300 "$PY" -m aser.pipeline.cli eval "$WORK/dest" --eval "$EVAL" --seq-len 256 --max-windows 2 --json
+  step quantize_pack 600 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest_pack" --calib "$CALIB" \
+    --num-samples 8 --seq-len 64 --workers 1 --no-progress --json --format w4a16-pack
+  step eval_pack 300 "$PY" -m aser.pipeline.cli eval "$WORK/dest_pack" --eval "$EVAL" --seq-len 256 --max-windows 2 --json
   step scale 600 "$PY" benchmarks/scale_layer.py --out "$WORK/scale" --data "$DATA" --hidden 256 \
     --intermediate 896 --heads 8 --kv-heads 2 --num-samples 2 --seq-len 64 --rank 8 --json "$OUTDIR/scale.json"
 else
@@ -106,6 +111,9 @@ else
   DEST=""
   for d in gpu gpu_calib cpu; do [[ -f "$WORK/dest_$d/config.json" ]] && { DEST="$WORK/dest_$d"; break; }; done
   step eval 60 "$PY" -m aser.pipeline.cli eval "${DEST:-$WORK/dest_gpu}" --eval "$EVAL" --seq-len 256 --max-windows 40 --json
+  step quantize_pack 75 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest_pack" --calib "$CALIB" \
+    --num-samples 16 --seq-len 256 --json --format w4a16-pack
+  step eval_pack 60 "$PY" -m aser.pipeline.cli eval "$WORK/dest_pack" --eval "$EVAL" --seq-len 256 --max-windows 40 --json
   step scale 150 "$PY" benchmarks/scale_layer.py --out "$WORK/scale" --data "$DATA" --num-samples 8 \
     --seq-len 512 --json "$OUTDIR/scale.json"
   # SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9/3 heads; random weights, a 512-token
