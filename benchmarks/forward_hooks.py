@@ -46,7 +46,7 @@ def main() -> None:
     src = resolve_source("builtin:smollm2-135m")
     with open(f"{src}/config.json") as f:
         config = hf_config(json.load(f))
-    tensors, _ = read_layer(sio.open_source(src), config, a.layer)
+    tensors, _, _ = read_layer(sio.open_source(src), config, a.layer)
     layer = layer_io.build_layer(config, a.layer, tensors).float()
     rotary = layer_io.build_rotary(config, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)

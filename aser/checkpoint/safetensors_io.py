@@ -220,9 +220,12 @@ def _check_finite(info: TensorInfo, t: torch.Tensor, url: str) -> None:
         raise SafetensorsError(f"tensor {info.name} in {storage.redact(url)} contains {bad} values")
 
 
-def read_tensors(source: SourceIndex, names: Iterable[str]) -> dict[str, torch.Tensor]:
+def read_tensors(
+    source: SourceIndex, names: Iterable[str], digests: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """Read the named tensors by byte range, coalescing neighbours in the same shard.
 
+    digests: filled with each tensor's sha256 (hex) of the bytes read, when given.
     Raises SafetensorsError naming a tensor that is not in the source, or whose data is NaN/Inf.
     """
     wanted = sorted(set(names))
@@ -258,10 +261,36 @@ def read_tensors(source: SourceIndex, names: Iterable[str]) -> dict[str, torch.T
                     f"{e.got} of {hi - lo} bytes"
                 ) from e
             for info in run:
-                t = _decode(info, blob[info.start - lo : info.end - lo])
+                raw = blob[info.start - lo : info.end - lo]
+                if digests is not None:
+                    digests[info.name] = hashlib.sha256(raw).hexdigest()
+                t = _decode(info, raw)
                 _check_finite(info, t, url)
                 out[info.name] = t
     return out
+
+
+class SourceChanged(SafetensorsError):
+    """Bytes read from the source differ from those an earlier invocation of the run read."""
+
+
+def check_content(what: str, recorded: str | None, got: str) -> None:
+    """Raise SourceChanged if ``got`` (``content_sha256`` of bytes just read) differs from the
+    hash ``recorded`` when the run first read them (None: not read before)."""
+    if recorded is not None and recorded != got:
+        raise SourceChanged(
+            f"the source's bytes of {what} changed since this destination was started (content "
+            f"sha256 {recorded[:16]} -> {got[:16]}) although its store reports the same versions "
+            "and headers; use a new destination or restore the source"
+        )
+
+
+def content_sha256(digests: Mapping[str, str], prefix: str = "") -> str:
+    """One hash of named tensors' bytes (``read_tensors``' digests), independent of how they
+    are laid out in shards: the sha256 of "name<TAB>sha256" lines in name order, names with
+    ``prefix`` removed."""
+    lines = "".join(f"{n[len(prefix):] if n.startswith(prefix) else n}\t{d}\n" for n, d in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def shard_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,8 +141,13 @@ def _save(ctx: _Ctx) -> None:
     manifest.save_manifest(ctx.dest, ctx.mf)
 
 
+def _stage_name(ctx: _Ctx, index: int) -> str:
+    return {EMBED_INDEX: "the embedding", ctx.plan.num_layers: "the head"}.get(index, f"layer {index}")
+
+
 def _record_copy(ctx: _Ctx, index: int, written: layer_tasks.StageWritten) -> None:
     _note_processes(ctx, written.processes)
+    ctx.mf.record_source_content(index, written.source_sha256, _stage_name(ctx, index))
     ctx.mf.record_layer(
         manifest.LayerRecord(
             index=index, status=manifest.LAYER_DONE, files=written.files, seconds=written.seconds,
@@ -171,6 +176,7 @@ def _record_layer(ctx: _Ctx, p: _Pending) -> None:
         _note_processes(ctx, [info.process])
     _note_processes(ctx, written.processes)
     ctx.saves.observe(seconds)
+    ctx.mf.record_source_content(p.layer, written.source_sha256, _stage_name(ctx, p.layer))
     ctx.mf.record_layer(
         manifest.LayerRecord(
             index=p.layer,
@@ -227,7 +233,9 @@ def _start_workers(ctx: _Ctx, start: int, attempt: int) -> tuple[list[Any], int]
         _note_start(ctx, {"attempt": attempt, "start": start, "restored": at, "forwarded_again": 0})
         return actors, at
     for i in range(at, start):
-        ray.get([a.forward_fp.remote(i) for a in actors])
+        # Layers already done, read again: their bytes must be those the stages were made from.
+        for info in ray.get([a.forward_fp.remote(i) for a in actors]):
+            ctx.mf.record_source_content(i, info.source_sha256, _stage_name(ctx, i))
     _note_start(ctx, {"attempt": attempt, "start": start, "restored": at, "forwarded_again": start - at})
     return actors, start
 
@@ -255,10 +263,12 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
     copies = []
     if EMBED_INDEX not in done:
         copies.append((EMBED_INDEX, fns["copy_stage"].remote(
-            plan.source_url, ctx.dest, 0, L, list(plan.embed_names), cfg.shard_size_bytes)))
+            plan.source_url, ctx.dest, 0, L, list(plan.embed_names), cfg.shard_size_bytes,
+            ctx.mf.source_content.get(EMBED_INDEX))))
     if L not in done:
         copies.append((L, fns["copy_stage"].remote(
-            plan.source_url, ctx.dest, L + 1, L, list(plan.head_names), cfg.shard_size_bytes)))
+            plan.source_url, ctx.dest, L + 1, L, list(plan.head_names), cfg.shard_size_bytes,
+            ctx.mf.source_content.get(L))))
     todo = [i for i in range(L) if i not in done]
     if todo:
         unsettled: list[Any] = []
@@ -285,7 +295,7 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
 
 
 def submit_smooth(smooth: Any, n_out: int, config_dict: dict[str, Any], layer: int, method: Any,
-                  loaded: tuple[Any, Any, Any], collected: list[Any]) -> Any:
+                  loaded: Sequence[Any], collected: list[Any]) -> Any:
     """The smoothing task of a layer: the statistics parts (``collect``'s first outputs) go in a
     list, fetched one at a time; the ``collect`` infos (second outputs) go as top-level arguments
     so that Ray starts the task only once every worker's statistics exist
@@ -316,23 +326,24 @@ def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_P
     use_gpu = ctx.resources.reconstruct_gpus > 0
     for i in range(start, L):
         # The layer is read from storage once; its object goes to every worker and the smoothing.
-        tensors, nbytes, read_s = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
+        loaded = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
             plan.source_url, plan.config_dict, i)
+        tensors = loaded[0]
         collected = [a.collect.options(num_returns=2).remote(i, tensors) for a in actors]
-        outs = submit_smooth(fns["smooth"], n_out, plan.config_dict, i, cfg.method, (tensors, nbytes, read_s),
-                             collected)
+        outs = submit_smooth(fns["smooth"], n_out, plan.config_dict, i, cfg.method, loaded, collected)
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
         results = [
             fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu, ctx.resources.reconstruct_cpus)
             for w, g in zip(weights, group_of, strict=True)
         ]
-        writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results)
+        writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results,
+                                           recorded_source_sha256=ctx.mf.source_content.get(i))
         if cfg.propagate == "fp":
             save = ctx.saves.due(i + 1)
             advanced = [a.advance.remote(i, save) for a in actors]
         else:
             advanced = [a.propagate_quantized.remote(i, meta, linear_names, *results) for a in actors]
-        del outs, meta, payloads, weights, results, tensors, nbytes, read_s
+        del outs, meta, payloads, weights, results, tensors, loaded
         pending.append(_Pending(i, writer, [c[1] for c in collected], advanced))
         # Record finished layers in order; wait only when too many are in flight.
         while pending and (
@@ -643,6 +654,9 @@ def _summary(ctx: _Ctx, wall_s: float, finalize_s: float, fin: export.FinalizeRe
         "workers": ctx.workers,
         "recoveries": ctx.recoveries,
         "starts": ctx.starts,
+        # Content hash of every tensor the run read (stage by stage): which bytes this DEST was
+        # made from, whatever the store's versions said.
+        "source_sha256": ctx.mf.source_sha256(),
     }
 
 

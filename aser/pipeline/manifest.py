@@ -84,10 +84,17 @@ class Manifest:
     # The files finalize wrote (config, copied files, adapter, index), by name under DEST; the
     # stage shards are in ``layers``. Empty until the run is complete.
     final_files: dict[str, FileRecord] = field(default_factory=dict)
+    # Per stage index: the content hash of the source bytes the stage was made from, as first
+    # read (``safetensors_io.content_sha256``). Kept when a damaged stage's record is dropped:
+    # the redo must read the same bytes (``safetensors_io.check_content``), which the store's
+    # versions in ``source_fingerprint`` alone cannot promise (a store without versions, a file
+    # rewritten in place with its mtime restored).
+    source_content: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
         d["layers"] = {str(k): asdict(v) for k, v in sorted(self.layers.items())}
+        d["source_content"] = {str(k): v for k, v in sorted(self.source_content.items())}
         d["source_url"] = storage.redact(self.source_url)
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
@@ -109,6 +116,7 @@ class Manifest:
                 layers=layers,
                 summary=dict(d.get("summary", {})),
                 final_files={k: FileRecord(**v) for k, v in d.get("final_files", {}).items()},
+                source_content={int(k): str(v) for k, v in d.get("source_content", {}).items()},
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):
@@ -117,6 +125,22 @@ class Manifest:
 
     def record_layer(self, record: LayerRecord) -> None:
         self.layers[record.index] = record
+
+    def record_source_content(self, index: int, sha256: str | None, what: str) -> None:
+        """Note the content hash of stage ``index``'s source bytes; raises SourceChanged if it
+        differs from the one recorded when the run first read them."""
+        if sha256 is None:
+            return
+        sio.check_content(what, self.source_content.get(index), sha256)
+        self.source_content[index] = sha256
+
+    def source_sha256(self) -> str | None:
+        """One content hash of the source as the run read it (the stages' recorded so far; every
+        stage's once the run is complete): the same for the same tensors however they are sharded."""
+        if not self.source_content:
+            return None
+        lines = "".join(f"{k}\t{v}\n" for k, v in sorted(self.source_content.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -67,14 +67,17 @@ def compute_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
     return stored
 
 
-def read_layer(source: sio.SourceIndex, config: PretrainedConfig, layer_idx: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Decoder layer ``layer_idx``'s tensors by relative name, read by byte range, and the
-    number of bytes read."""
+def read_layer(
+    source: sio.SourceIndex, config: PretrainedConfig, layer_idx: int
+) -> tuple[dict[str, torch.Tensor], int, str]:
+    """Decoder layer ``layer_idx``'s tensors by relative name, read by byte range, the number
+    of bytes read, and the content hash of those bytes (``safetensors_io.content_sha256``)."""
     prefix = layer_io.layer_prefix(layer_idx)
     names = [prefix + n for n in expected_layer_tensors(config, layer_idx)]
-    tensors = sio.read_tensors(source, names)
+    digests: dict[str, str] = {}
+    tensors = sio.read_tensors(source, names, digests)
     nbytes = sum(source.tensors[n].end - source.tensors[n].start for n in names)
-    return {n[len(prefix):]: t for n, t in tensors.items()}, nbytes
+    return {n[len(prefix):]: t for n, t in tensors.items()}, nbytes, sio.content_sha256(digests, prefix)
 
 
 def peak_rss_bytes() -> int:
@@ -96,6 +99,7 @@ class StepInfo:
     bytes_read: int = 0
     bytes_written: int = 0
     process: dict[str, Any] = field(default_factory=dict)
+    source_sha256: str | None = None  # content hash of the layer when this call read it
 
 
 class CalibrationWorker:
@@ -167,16 +171,19 @@ class CalibrationWorker:
 
     # ------------------------------------------------------------ per layer
 
-    def _load(self, layer_idx: int, tensors: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, int]:
+    def _load(
+        self, layer_idx: int, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.nn.Module, int, str | None]:
         """Decoder layer ``layer_idx`` on this worker's device: from ``tensors`` (relative names;
         the run's one read of the layer, shared through the object store) or read from storage
-        here (resume catch-up). Returns the layer and the bytes this call read from storage."""
-        nbytes = 0
+        here (resume catch-up). Returns the layer, the bytes this call read from storage and
+        their content hash (None when it read none)."""
+        nbytes, sha = 0, None
         if tensors is None:
-            tensors, nbytes = read_layer(self.source, self.config, layer_idx)
+            tensors, nbytes, sha = read_layer(self.source, self.config, layer_idx)
         layer = layer_io.build_layer(self.config, layer_idx, dict(tensors))
         del tensors
-        return layer.to(self.device, self.compute_dtype), nbytes
+        return layer.to(self.device, self.compute_dtype), nbytes, sha
 
     def _process(self) -> dict[str, Any]:
         return process_info("calibration", self.device)
@@ -212,7 +219,7 @@ class CalibrationWorker:
         """
         hidden = self._check_at(layer_idx)
         t0 = time.perf_counter()
-        layer, nbytes = self._load(layer_idx, tensors)
+        layer, nbytes, _ = self._load(layer_idx, tensors)
         t1 = time.perf_counter()
         handles, accs = attach_stat_hooks(layer, groups_for(self.config))
         try:
@@ -250,10 +257,10 @@ class CalibrationWorker:
         """Forward through FP layer ``layer_idx`` without statistics (catching up on resume)."""
         hidden = self._check_at(layer_idx)
         t0 = time.perf_counter()
-        layer, nbytes = self._load(layer_idx)
+        layer, nbytes, sha = self._load(layer_idx)
         self.hidden = self._forward(layer, layer_idx, hidden)
         self.next_layer = layer_idx + 1
-        return StepInfo({"forward": time.perf_counter() - t0}, nbytes, 0, self._process())
+        return StepInfo({"forward": time.perf_counter() - t0}, nbytes, 0, self._process(), sha)
 
     @torch.no_grad()
     def propagate_quantized(

@@ -49,6 +49,7 @@ class LayerMeta:
     bytes_read: int
     seconds: dict[str, float]
     process: dict[str, Any]
+    source_sha256: str  # content hash of the layer's source bytes (``safetensors_io.content_sha256``)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class StageWritten:
     bytes_written: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     processes: list[dict[str, Any]] = field(default_factory=list)
+    source_sha256: str | None = None  # content hash of the source bytes the stage was made from
 
 
 def smooth_outputs(config_dict: Mapping[str, Any]) -> int:
@@ -78,20 +80,21 @@ def smooth_outputs(config_dict: Mapping[str, Any]) -> int:
     return 1 + len(groups) + sum(len(g.linears) for g in groups)
 
 
-LOAD_LAYER_OUTPUTS = 3
+LOAD_LAYER_OUTPUTS = 4
 
 
 def load_layer_task(source_url: str, config_dict: Mapping[str, Any], layer_idx: int) -> tuple[Any, ...]:
     """Read decoder layer ``layer_idx`` from storage once for the whole run: returns (tensors
-    by relative name, bytes read, seconds) as three objects (``LOAD_LAYER_OUTPUTS``). The
+    by relative name, bytes read, seconds, content hash of the bytes read) as four objects
+    (``LOAD_LAYER_OUTPUTS``). The
     driver hands the tensors' object to every calibration worker and to the smoothing task; Ray
     keeps one copy per node in its object store (shared memory, read in place) and moves it
     between nodes once per node, so a layer costs one storage read however many workers there
     are."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
-    tensors, nbytes = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
-    return tensors, nbytes, time.perf_counter() - t0
+    tensors, nbytes, sha = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
+    return tensors, nbytes, time.perf_counter() - t0, sha
 
 
 def smooth_task(
@@ -101,11 +104,12 @@ def smooth_task(
     tensors: Mapping[str, torch.Tensor],
     nbytes: int,
     read_s: float,
+    source_sha256: str,
     stats_parts: Iterable[Mapping[str, GroupStats]],
 ) -> tuple[Any, ...]:
     """Reduce ``stats_parts`` (one per worker, in rank order; consumed lazily, so a generator
     that fetches each part when asked keeps one at a time) and smooth layer ``layer_idx``
-    (``tensors, nbytes, read_s``: ``load_layer_task``'s outputs). Returns (LayerMeta,
+    (``tensors, nbytes, read_s, source_sha256``: ``load_layer_task``'s outputs). Returns (LayerMeta,
     GroupPayload per group, W (N, K) per linear) in ``groups_for`` order."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
@@ -128,6 +132,7 @@ def smooth_task(
         bytes_read=nbytes,
         seconds={"reduce": t1 - t0, "read_layer": read_s, "smooth": t3 - t2},
         process=process_info("smooth"),
+        source_sha256=source_sha256,
     )
     payloads = [GroupPayload(sm.stats[g.name], sm.outliers[g.name]) for g in groups]
     weights = [sm.tensors[f"{lin}.weight"] for lin in linears]
@@ -173,8 +178,14 @@ def write_layer_task(
     shard_size_bytes: int,
     meta: LayerMeta,
     *results: LinearResult,
+    recorded_source_sha256: str | None = None,
 ) -> StageWritten:
-    """Pack layer ``layer_idx`` (its results in ``meta.linear_names`` order) and write it."""
+    """Pack layer ``layer_idx`` (its results in ``meta.linear_names`` order) and write it.
+
+    recorded_source_sha256: the content hash of the layer's source bytes when an earlier
+    invocation of the run read them (the manifest's ``source_content``): if the bytes read this
+    time differ, nothing is written (``safetensors_io.SourceChanged``)."""
+    sio.check_content(f"layer {layer_idx}", recorded_source_sha256, meta.source_sha256)
     t0 = time.perf_counter()
     by_name = dict(zip(meta.linear_names, results, strict=True))
     prefix = layer_io.layer_prefix(layer_idx)
@@ -211,16 +222,22 @@ def write_layer_task(
         bytes_written=sum(f.size_bytes for f in files.values()),
         seconds={**meta.seconds, "reconstruct": recon_s, "write": t1 - t0},
         processes=processes,
+        source_sha256=meta.source_sha256,
     )
 
 
 def copy_stage_task(
-    source_url: str, dest: str, stage: int, num_layers: int, names: Sequence[str], shard_size_bytes: int
+    source_url: str, dest: str, stage: int, num_layers: int, names: Sequence[str], shard_size_bytes: int,
+    recorded_source_sha256: str | None = None,
 ) -> StageWritten:
-    """The embedding (stage 0) or head (stage L + 1) tensors, copied from the source as they are."""
+    """The embedding (stage 0) or head (stage L + 1) tensors, copied from the source as they are
+    (``recorded_source_sha256``: as in ``write_layer_task``)."""
     t0 = time.perf_counter()
     source = sio.open_source(source_url)
-    tensors = sio.read_tensors(source, names)
+    digests: dict[str, str] = {}
+    tensors = sio.read_tensors(source, names, digests)
+    sha = sio.content_sha256(digests)
+    sio.check_content("the embedding" if stage == 0 else "the head", recorded_source_sha256, sha)
     nbytes = sum(source.tensors[n].end - source.tensors[n].start for n in names)
     files = export.write_stage(dest, stage, num_layers, tensors, None, shard_size_bytes)
     return StageWritten(
@@ -230,6 +247,7 @@ def copy_stage_task(
         bytes_written=sum(f.size_bytes for f in files.values()),
         seconds={"copy": time.perf_counter() - t0},
         processes=[process_info("write")],
+        source_sha256=sha,
     )
 
 

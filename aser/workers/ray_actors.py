@@ -64,7 +64,7 @@ def calibration_actor(num_cpus: float, num_gpus: float, memory: int = 0) -> Any:
 
 def smooth_streaming(
     config_dict: Mapping[str, Any], layer_idx: int, method: Any, tensors: Any, nbytes: int, read_s: float,
-    part_refs: list[Any], *collected: Any,
+    source_sha256: str, part_refs: list[Any], *collected: Any,
 ) -> tuple[Any, ...]:
     """``layer_tasks.smooth_task`` with the workers' partial statistics fetched one at a time.
 
@@ -81,7 +81,7 @@ def smooth_streaming(
     forwarding (1.2 s instead of 0.34 s per batch on 2 cores)."""
     del collected
     parts = (ray.get(ref) for ref in part_refs)
-    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, parts)
+    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, source_sha256, parts)
 
 
 # Calls a worker process serves before it exits: unlimited. Ray's default for a task that asks
