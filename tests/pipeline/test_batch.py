@@ -34,6 +34,7 @@ def _batch(setup: Any, watchlist: Path) -> tuple[int, dict[str, Any], str]:
     return rc, report, out
 
 
+@pytest.mark.cluster  # four real runs (~2.5 min): run by .ci/run with -m cluster
 def test_batch_skips_resumes_starts_and_reports_the_broken_one(
         reference: tuple[Any, dict[str, bytes], float], stories_dir: Path, tmp_path: Path) -> None:
     setup, ref, _ = reference

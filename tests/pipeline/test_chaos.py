@@ -14,7 +14,8 @@ from aser.checkpoint import storage
 from chaos_harness import RUN_TIMEOUT_S, Setup, dest_files, driver_kill, node_loss, storage_faults
 from fault_proxy import FaultProxy, Faults
 
-pytestmark = pytest.mark.timeout(900)
+# Real multi-process runs at random moments (~2.5 min): run by .ci/run with ``-m cluster``.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.cluster]
 SEED = 42  # draws a kill at 0.64 of the run: inside the layer loop (benchmarks/chaos.py draws many)
 NODE_LOSS_AFTER_STAGES = 2  # of stories260K's 7 (embedding copy, 5 layers, head copy)
 
