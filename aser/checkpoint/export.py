@@ -361,36 +361,55 @@ def _write_text(dest: str, name: str, text: str, written: dict[str, FileRecord])
     _write_bytes(dest, name, text.encode("utf-8"), written)
 
 
-def pad_to_uniform_rank(tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
-    """Zero-pad every module's LoRA pair (in place) to the largest rank among them: ``lora_A``
-    (k, K) gets R - k zero rows, ``lora_B`` (N, k) as many zero columns, so B A is unchanged.
-    Returns R and {module: its own rank} for the modules padded."""
-    ranks = {key[: -len(".lora_A.weight")]: int(t.shape[0]) for key, t in tensors.items()
+def uniform_rank(shapes: Mapping[str, Sequence[int]]) -> tuple[int, dict[str, int]]:
+    """The one rank R every module's LoRA pair is padded to (the largest among them), from the
+    adapter tensors' shapes by name; and {module: its own rank} for the modules ``pad_lora``
+    pads."""
+    ranks = {key[: -len(".lora_A.weight")]: int(shape[0]) for key, shape in shapes.items()
              if key.endswith(".lora_A.weight")}
     r = max(ranks.values(), default=0)
-    padded = {}
-    for module, k in sorted(ranks.items()):
-        if k < r:
-            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-            tensors[f"{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - k, a.shape[1])], dim=0)
-            tensors[f"{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1)
-            padded[module[len("base_model.model."):]] = k
-    return r, padded
+    return r, {module[len("base_model.model."):]: k for module, k in sorted(ranks.items()) if k < r}
+
+
+def padded_shape(name: str, shape: Sequence[int], r: int) -> list[int]:
+    """The shape ``pad_lora`` gives adapter tensor ``name``."""
+    if name.endswith(".lora_A.weight"):
+        return [r, *shape[1:]]
+    if name.endswith(".lora_B.weight"):
+        return [*shape[:-1], r]
+    return list(shape)
+
+
+def pad_lora(name: str, t: torch.Tensor, r: int) -> torch.Tensor:
+    """Adapter tensor ``name`` zero-padded to rank ``r``: ``lora_A`` (k, K) gets r - k zero rows,
+    ``lora_B`` (N, k) as many zero columns, so B A is unchanged."""
+    if name.endswith(".lora_A.weight") and t.shape[0] < r:
+        return torch.cat([t, t.new_zeros(r - t.shape[0], t.shape[1])], dim=0)
+    if name.endswith(".lora_B.weight") and t.shape[1] < r:
+        return torch.cat([t, t.new_zeros(t.shape[0], r - t.shape[1])], dim=1)
+    return t
 
 
 def _write_adapter(dest: str, adapter_parts: Sequence[str], written: dict[str, FileRecord]) -> dict:
-    """Merge the per-stage adapter parts into one PEFT adapter of one rank; what it did."""
-    tensors: dict[str, torch.Tensor] = {}
+    """Merge the per-stage adapter parts into one PEFT adapter of one rank; what it did.
+
+    Streamed: the parts' headers give every tensor's name, dtype and shape, and each tensor is
+    then read (by byte range), padded and written in the file's order, one at a time: the
+    process holds one tensor, not the adapter (5.6 GB for Llama-3.1-405B at r = 64 with 8 side columns in bf16)."""
+    where: dict[str, sio.SourceIndex] = {}
     for part in sorted(adapter_parts):
         src = sio.open_file(storage.join(dest, part))
-        tensors.update(sio.read_tensors(src, src.tensors))
-    if not tensors:
+        where.update(dict.fromkeys(src.tensors, src))
+    if not where:
         return {}
-    r, padded = pad_to_uniform_rank(tensors)
-    modules = [key[len("base_model.model.") : -len(".lora_A.weight")] for key in tensors
+    shapes = {n: src.tensors[n].shape for n, src in where.items()}
+    r, padded = uniform_rank(shapes)
+    specs = {n: (where[n].tensors[n].dtype, padded_shape(n, shape, r)) for n, shape in shapes.items()}
+    modules = [key[len("base_model.model.") : -len(".lora_A.weight")] for key in sorted(shapes)
                if key.endswith(".lora_A.weight")]
     weights = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS_NAME}"
-    written[weights] = FileRecord(*sio.write_shard(storage.join(dest, weights), tensors))
+    written[weights] = FileRecord(*sio.write_shard_streaming(
+        storage.join(dest, weights), specs, lambda n: pad_lora(n, sio.read_tensors(where[n], [n])[n], r)))
     _write_text(dest, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_NAME}",
                 json.dumps(adapter_config(modules, r), indent=2, sort_keys=True) + "\n", written)
     return {"rank": r, "lora_alpha": r, "vllm_max_lora_rank": vllm_max_lora_rank(r), "modules": len(modules),

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -293,17 +293,71 @@ def content_sha256(digests: Mapping[str, str], prefix: str = "") -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def shard_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+# The only metadata written: the library keeps ``__metadata__`` in a hash map, whose order (and
+# so the bytes) changes from run to run once it holds more than one key.
+SHARD_METADATA = {"format": "pt"}
+
+
+def shard_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Serialize deterministically: sorted names, contiguous CPU tensors, fixed metadata."""
     ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
-    meta = {"format": "pt", **dict(sorted((metadata or {}).items()))}
-    return _st_save(ordered, metadata=meta)
+    return _st_save(ordered, metadata=SHARD_METADATA)
+
+
+def shard_layout(
+    specs: Mapping[str, tuple[str, Sequence[int]]],
+) -> tuple[bytes, list[str]]:
+    """What ``shard_bytes`` would write before the data, for tensors of these dtypes (safetensors
+    names: "BF16", ...) and shapes: (the 8-byte length and the header, padded to 8 bytes as the
+    library pads it; the names in the order their data follows). The order is the library's own
+    (dtype, then name), asked of it with one-element stand-ins, so no rule of it is copied here."""
+    stand_ins = {n: torch.zeros(1, dtype=DTYPES[d]) for n, (d, _) in specs.items()}
+    raw = _st_save(stand_ins, metadata=SHARD_METADATA)
+    (n,) = struct.unpack("<Q", raw[:8])
+    order = [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
+    header: dict[str, object] = {"__metadata__": SHARD_METADATA}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        size = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * ((8 - len(text) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def write_shard_streaming(
+    url: str,
+    specs: Mapping[str, tuple[str, Sequence[int]]],
+    tensor: Callable[[str], torch.Tensor],
+) -> tuple[str, int]:
+    """``write_shard`` of tensors that need not all be in memory: ``tensor(name)`` is asked for
+    each in the order its data goes in the file and may be dropped once written, so this holds
+    one tensor at a time (``specs``: name -> (dtype, shape), as ``shard_layout`` takes). The
+    bytes are ``shard_bytes``'s for the same tensors. Returns (sha256 hex, size in bytes)."""
+    head, order = shard_layout(specs)
+    h = hashlib.sha256(head)
+    size = len(head)
+    with storage.atomic_writer(url) as f:
+        f.write(head)
+        for name in order:
+            t = tensor(name)
+            dtype, shape = specs[name]
+            if t.dtype != DTYPES[dtype] or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"tensor {name}: {t.dtype} {tuple(t.shape)}, the layout says {dtype} {tuple(shape)}")
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            h.update(data)
+            size += data.nbytes
+            del t, data  # before the next is asked for
+    return h.hexdigest(), size
 
 
 def write_shard(
-    url: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    url: str, tensors: Mapping[str, torch.Tensor]
 ) -> tuple[str, int]:
     """Write a shard atomically; returns (sha256 hex, size in bytes) of what was written."""
-    data = shard_bytes(tensors, metadata)
+    data = shard_bytes(tensors)
     storage.write_bytes_atomic(url, data)
     return hashlib.sha256(data).hexdigest(), len(data)

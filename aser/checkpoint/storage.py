@@ -13,11 +13,14 @@ all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -202,6 +205,36 @@ def _publish_local(path: str, data: bytes, publish: Callable[[str, str], None]) 
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_writer(url: str) -> Iterator[BinaryIO]:
+    """A file to write ``url`` through, published whole when the block ends without an error
+    and not at all otherwise, holding none of it in memory: a local path is written under a
+    temporary name beside it (fsynced) and renamed; an object-store URL is written to a local
+    temporary file and uploaded in one (multipart) upload, which readers see whole or not at all."""
+    fs, path = resolve(url)
+    local = _is_local(fs)
+    if local:
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="aser-upload-")
+        os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+            fs.invalidate_cache(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -109,11 +109,33 @@ def test_uniform_rank_padding_keeps_the_product_and_vllm_rank() -> None:
          "base_model.model.b.lora_A.weight": torch.randn(6, 5, generator=g),
          "base_model.model.b.lora_B.weight": torch.randn(4, 6, generator=g)}
     before = t["base_model.model.a.lora_B.weight"] @ t["base_model.model.a.lora_A.weight"]
-    r, padded = export.pad_to_uniform_rank(t)
+    r, padded = export.uniform_rank({n: x.shape for n, x in t.items()})
     assert (r, padded) == (6, {"a": 3})
+    t = {n: export.pad_lora(n, x, r) for n, x in t.items()}
+    assert all(list(x.shape) == export.padded_shape(n, ref.shape, r) for (n, x), ref in zip(t.items(), [
+        torch.empty(3, 5), torch.empty(7, 3), torch.empty(6, 5), torch.empty(4, 6)]))
     assert t["base_model.model.a.lora_A.weight"].shape == (6, 5) and t["base_model.model.a.lora_B.weight"].shape == (7, 6)
     torch.testing.assert_close(t["base_model.model.a.lora_B.weight"] @ t["base_model.model.a.lora_A.weight"], before)
     assert [export.vllm_max_lora_rank(k) for k in (1, 2, 8, 40, 320, 321, 513)] == [1, 8, 8, 64, 320, 512, None]
+
+
+def test_merged_adapter_is_streamed_to_the_librarys_bytes(tmp_path: Path) -> None:
+    # Parts of two ranks (one padded), bf16: the adapter finalize streams tensor by tensor is
+    # the file safetensors writes for the merged, padded tensors held at once.
+    g = torch.Generator().manual_seed(0)
+    parts = {1: {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.randn(3, 8, generator=g),
+                 "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.randn(5, 3, generator=g)},
+             2: {"base_model.model.model.layers.1.mlp.down_proj.lora_A.weight": torch.randn(4, 8, generator=g),
+                 "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight": torch.randn(5, 4, generator=g)}}
+    dest, written = str(tmp_path), {}
+    for stage, t in parts.items():
+        export.write_stage(dest, stage, 2, {"x": torch.zeros(1)}, {n: v.to(torch.bfloat16) for n, v in t.items()})
+    info = export._write_adapter(dest, [export.adapter_part_name(s) for s in parts], written)
+    assert (info["rank"], info["padded"]) == (4, {"model.layers.0.mlp.down_proj": 3})
+    merged = {n: export.pad_lora(n, v.to(torch.bfloat16), 4) for t in parts.values() for n, v in t.items()}
+    path = tmp_path / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS_NAME
+    assert path.read_bytes() == sio.shard_bytes(merged)
+    assert written[f"{export.ADAPTER_DIR}/{export.ADAPTER_WEIGHTS_NAME}"].size_bytes == path.stat().st_size
 
 
 def _ref_logits(src: Path, lins, a_bits, lowrank: bool, ids: torch.Tensor) -> torch.Tensor:

@@ -195,11 +195,11 @@ def test_fingerprint_is_the_index_hash_and_each_header_hash(tmp_path: Path) -> N
 def test_open_file_reads_one_written_shard(tmp_path: Path) -> None:
     # A trailing slash names the same file; only slashes are stripped (the name ends in X).
     url = str(tmp_path / "shard.X") + "/"
-    sio.write_shard(url, {"w": torch.arange(3.0)}, {"b": "2", "a": "1"})
+    sio.write_shard(url, {"w": torch.arange(3.0)})
     src = sio.open_file(url)
     assert (src.url, src.index_sha256, list(src.shards), list(src.tensors)) == (str(tmp_path), None, ["shard.X"], ["w"])
     assert src.shards["shard.X"].file == "shard.X"
-    assert src.shards["shard.X"].metadata == {"format": "pt", "a": "1", "b": "2"}
+    assert src.shards["shard.X"].metadata == {"format": "pt"}
     assert torch.equal(sio.read_tensors(src, ["w"])["w"], torch.arange(3.0))
 
 
@@ -305,3 +305,49 @@ def test_shard_changed_after_open_is_named(tmp_path: Path) -> None:
     f.unlink()
     with pytest.raises(sio.SafetensorsError, match=f"^shard {f} is missing$"):
         sio.read_tensors(src, ["a"])
+
+
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"b.x": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.y": torch.randn(7, generator=g),
+            "c": torch.tensor([1, -2], dtype=torch.int8), "d": torch.randn(2, 2, generator=g).half(),
+            "e": torch.randn(1, dtype=torch.float64, generator=g), "a.z": torch.zeros(0, 4, dtype=torch.bfloat16),
+            "i": torch.arange(3), "flag": torch.tensor([True, False])}
+
+
+def _specs(t: dict[str, torch.Tensor]) -> dict[str, tuple[str, list[int]]]:
+    names = {v: k for k, v in sio.DTYPES.items()}
+    return {n: (names[x.dtype], list(x.shape)) for n, x in t.items()}
+
+
+@pytest.mark.parametrize("where", ["local", "s3_bucket", "gs_bucket", "az_container"])
+def test_streamed_shard_is_the_librarys_bytes_holding_one_tensor_at_a_time(
+        where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    import gc
+    import weakref
+
+    root = str(tmp_path) if where == "local" else str(request.getfixturevalue(where))
+    t = _mixed_tensors()
+    given: list[weakref.ref] = []
+
+    def tensor(name: str) -> torch.Tensor:
+        gc.collect()
+        assert all(r() is None for r in given), "an earlier tensor is still held"
+        out = t[name].clone()
+        given.append(weakref.ref(out))
+        return out
+
+    url = storage.join(root, "x.safetensors")
+    sha, size = sio.write_shard_streaming(url, _specs(t), tensor)
+    expected = sio.shard_bytes(t)
+    assert storage.read_bytes(url) == expected  # safetensors' own bytes: mixed dtypes, an empty tensor
+    assert (sha, size) == (hashlib.sha256(expected).hexdigest(), len(expected))
+    assert len(given) == len(t)
+
+
+def test_streamed_shard_that_fails_publishes_nothing(tmp_path: Path) -> None:
+    t = _mixed_tensors()
+    url = str(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="tensor i: .* the layout says I64 \\(4,\\)"):
+        sio.write_shard_streaming(url, {**_specs(t), "i": ("I64", [4])}, t.__getitem__)
+    assert list(tmp_path.iterdir()) == []
