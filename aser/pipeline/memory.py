@@ -202,10 +202,10 @@ def estimate(
     write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer,
                    "stage_copy": 3 * shape.embedding_bytes}
     writer = ProcessCost("writer", inflight_layers, BASE_PROCESS_BYTES + sum(write_terms.values()), 0, write_terms)
-    # Finalize streams the merged adapter tensor by tensor (``export._write_adapter``): the bytes
-    # read, the tensor, its padded copy, for the largest one.
+    # Finalize streams the merged adapter layer by layer (``export._write_adapter``): one stage's
+    # part, read whole (the bytes read and the tensors), and the padded copy of its largest tensor.
     largest_adapter_tensor = max(max(lin.out_features, lin.in_features) for lin in shape.linears) * r_total
-    fin_terms = {"adapter_tensor": 3 * largest_adapter_tensor * shape.dtype_bytes}
+    fin_terms = {"adapter_part": 2 * adapter_layer, "padded_tensor": largest_adapter_tensor * shape.dtype_bytes}
     finalize = ProcessCost("finalize", 1, BASE_PROCESS_BYTES + sum(fin_terms.values()), 0, fin_terms)
     driver_terms = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
                     "calibration_text": TOKENIZE_BYTES_PER_TEXT_BYTE * calib_text_bytes,

@@ -119,9 +119,10 @@ def test_uniform_rank_padding_keeps_the_product_and_vllm_rank() -> None:
     assert [export.vllm_max_lora_rank(k) for k in (1, 2, 8, 40, 320, 321, 513)] == [1, 8, 8, 64, 320, 512, None]
 
 
-def test_merged_adapter_is_streamed_to_the_librarys_bytes(tmp_path: Path) -> None:
-    # Parts of two ranks (one padded), bf16: the adapter finalize streams tensor by tensor is
-    # the file safetensors writes for the merged, padded tensors held at once.
+def test_merged_adapter_is_streamed_to_the_librarys_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parts of two ranks (one padded), bf16: the adapter finalize streams layer by layer is the
+    # file safetensors writes for the merged, padded tensors held at once; each part is read
+    # once, in one call (one range request), not once per tensor.
     g = torch.Generator().manual_seed(0)
     parts = {1: {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.randn(3, 8, generator=g),
                  "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.randn(5, 3, generator=g)},
@@ -130,7 +131,16 @@ def test_merged_adapter_is_streamed_to_the_librarys_bytes(tmp_path: Path) -> Non
     dest, written = str(tmp_path), {}
     for stage, t in parts.items():
         export.write_stage(dest, stage, 2, {"x": torch.zeros(1)}, {n: v.to(torch.bfloat16) for n, v in t.items()})
+    reads: list[list[str]] = []
+    read_tensors = sio.read_tensors
+
+    def counted(src, names, *args):
+        reads.append(sorted(names))
+        return read_tensors(src, names, *args)
+
+    monkeypatch.setattr(sio, "read_tensors", counted)
     info = export._write_adapter(dest, [export.adapter_part_name(s) for s in parts], written)
+    assert reads == [sorted(t) for t in parts.values()]
     assert (info["rank"], info["padded"]) == (4, {"model.layers.0.mlp.down_proj": 3})
     merged = {n: export.pad_lora(n, v.to(torch.bfloat16), 4) for t in parts.values() for n, v in t.items()}
     path = tmp_path / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS_NAME

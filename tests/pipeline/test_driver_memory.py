@@ -59,8 +59,8 @@ class _Leak(importlib.abc.MetaPathFinder):
             run(module)
             load, kept = module.CalibrationWorker._load, []
 
-            def leaky_load(worker, layer_idx):
-                out = load(worker, layer_idx)
+            def leaky_load(worker, layer_idx, tensors=None):
+                out = load(worker, layer_idx, tensors)
                 kept.append(out[0])
                 return out
 
