@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -385,8 +386,63 @@ def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
     return memory
 
 
-def _init_ray(config: RunConfig) -> bool:
-    """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
+# A local Ray start that has not returned after this many seconds is stuck: seen in
+# benchmarks/chaos.py when a Ray worker process was SIGKILLed while Ray started (the raylet
+# logged that the process died before it registered; ``ray.init`` then waited for ever).
+RAY_START_TIMEOUT_S = float(os.environ.get("ASER_RAY_START_TIMEOUT_S", "300"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux's /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _start_local_ray(held: lease.Lease | None, **kw: Any) -> None:
+    """``ray.init(address="local", ...)``, watched: if it has not returned after
+    ``RAY_START_TIMEOUT_S`` the run stops with a clear error (exit 2): DEST's lease released,
+    the Ray processes this driver started killed. Nothing of DEST is lost; the rerun resumes."""
+    started = threading.Event()
+
+    def watch() -> None:
+        if started.wait(RAY_START_TIMEOUT_S):
+            return
+        print(f"\naser: error: the local Ray instance did not start within {RAY_START_TIMEOUT_S:.0f} s (a Ray "
+              "process may have died while it started); rerun the same command to resume", file=sys.stderr)
+        try:
+            if held is not None:
+                held.release()
+        finally:
+            for pid in _descendants(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(2)
+
+    threading.Thread(target=watch, name="aser-ray-start-watchdog", daemon=True).start()
+    try:
+        ray.init(address="local", **kw)
+    finally:
+        started.set()
+
+
+def _init_ray(config: RunConfig, held: lease.Lease | None = None) -> bool:
+    """Connect to (or start) Ray; True if this call started it (and must shut it down).
+    held: DEST's lease, released if a local start gets stuck (``_start_local_ray``)."""
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
@@ -409,11 +465,11 @@ def _init_ray(config: RunConfig) -> bool:
             # A reconstruction task's CPUs more than the cores: by default the workers take the
             # cores (resources.default_cpus_per_worker leaves the task's share) and one task at
             # a time runs beside them, on the CPU time the forward leaves.
-            ray.init(address="local", num_cpus=cores + wc.reconstruct_cpus, **kw)
+            _start_local_ray(held, num_cpus=cores + wc.reconstruct_cpus, **kw)
         else:
             # Actors hold their CPUs for the whole run; a task needs its CPUs besides.
             need = math.ceil((wc.num_workers or 1) * wc.num_cpus_per_worker) + wc.reconstruct_cpus
-            ray.init(address="local", num_cpus=max(cores, need), **kw)
+            _start_local_ray(held, num_cpus=max(cores, need), **kw)
     return True
 
 
@@ -535,7 +591,7 @@ def _run_held(
     t_ray = time.perf_counter()
     if local and show_progress:
         print("[aser] starting a local Ray instance", file=sys.stderr)
-    owned = _init_ray(config)
+    owned = _init_ray(config, held)
     ray_init_s = time.perf_counter() - t_ray
     try:  # until the layers start: a Ray this call started is shut down on any error
         node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]

@@ -146,8 +146,14 @@ def kill_run(run: Run) -> None:
 
 
 def finish(run: Run, timeout: float) -> tuple[int, float]:
-    """Wait for the run; then clear any process it left (a local Ray is stopped by its driver)."""
-    rc = run.wait(timeout)
+    """Wait for the run; then clear any process it left (a local Ray is stopped by its driver).
+    A run still going after ``timeout`` is killed and counts as a failure (rc -1, its output
+    ending in a line that says it hung), so one hang does not end a whole benchmark."""
+    try:
+        rc = run.wait(timeout)
+    except subprocess.TimeoutExpired:  # run.wait killed it and read its output
+        run.output += f"\nhung: no exit within {timeout:.0f} s, killed"
+        return -1, time.perf_counter() - run.t0
     wall = time.perf_counter() - run.t0
     kill_run(run)
     return rc, wall

@@ -146,3 +146,37 @@ def test_ray_address(address: str | None, env: str | None, expected: str | None,
     assert driver._init_ray(run_config("src", "dest", "calib", ray_address=address)) is True
     assert calls and calls[0].get("address") == expected
     assert ("num_cpus" in calls[0]) == (expected == "local")
+
+
+STUCK_RAY = r'''
+import subprocess, sys, threading
+import ray
+from aser.pipeline import cli, driver
+
+def stuck_init(*args, **kwargs):  # a start that never returns, with a process of its own
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(f"child {child.pid}", flush=True)
+    threading.Event().wait()
+
+ray.init = stuck_init
+driver.RAY_START_TIMEOUT_S = 3.0
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_a_local_ray_start_that_never_returns_stops_clearly(tmp_path: Path, stories_dir: Path, calib: str) -> None:
+    # benchmarks/chaos.py: a Ray worker killed while Ray started left ray.init waiting for ever.
+    from aser.pipeline import lease
+
+    dest = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", STUCK_RAY, "quantize", str(stories_dir), str(dest), "--calib", calib,
+         "--num-samples", "4", "--seq-len", "16", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "aser: error: the local Ray instance did not start within 3 s")
+    child = int(proc.stdout.split("child ")[1].split()[0])
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert not any((dest / lease.LEASE_DIR).glob("*"))  # the lease released: the rerun need not wait for it
