@@ -222,7 +222,8 @@ def _export_like_finalize(tiny_model, pieces: dict[str, QuantizedPieces], theirs
     save_file({k: v.contiguous() for k, v in base.items()}, str(theirs / "model.safetensors"))
     cfg = export.output_config(tiny_model.config.to_dict(), fmt, None)
     (theirs / "config.json").write_text(json.dumps(cfg))
-    r, _ = export.pad_to_uniform_rank(adapter)  # as finalize writes it: one rank, zero-padded
+    r, _ = export.uniform_rank({k: v.shape for k, v in adapter.items()})  # as finalize writes it:
+    adapter = {k: export.pad_lora(k, v, r) for k, v in adapter.items()}  # one rank, zero-padded
     save_file(adapter, str(theirs / "aser_adapter" / "adapter_model.safetensors"))
     (theirs / "aser_adapter" / "adapter_config.json").write_text(
         json.dumps(export.adapter_config(list(_ranks(tiny_model)), r), default=str))
