@@ -204,13 +204,23 @@ def test_sbatch_quantizes_and_stops_its_ray(slurm: Slurm, reference: tuple[Any, 
 
 def cancel_mid_run(slurm: Slurm, setup: Any, dest: str, recipe: str, workers: int, stages: int,
                    scancel: list[str]) -> tuple[str, str]:
-    """Submit, cancel with ``scancel`` once a stage is recorded; (job log, marker) once the job
-    is gone."""
+    """Submit, cancel with ``scancel`` once the run is under way; (job log, marker) once the job
+    is gone. A fresh DEST: once a stage is recorded. A DEST an earlier job left part done: once
+    the driver says it resumes (Ray up, the layers about to start), not once a further stage is
+    recorded: the few stages left then ran to the end before scancel reached them once in CI."""
     job, marker = submit(slurm, setup, dest, recipe, workers)
+    job_log = slurm.root / f"job-{job}.out"
+    resumed = dest in before_job
+
+    def under_way() -> bool:
+        if resumed:
+            return job_log.exists() and "[aser] resuming " in job_log.read_text(errors="replace")
+        return done_stages(dest) >= 1
+
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (at_cancel := done_stages(dest)) < 1 or at_cancel == before_job.get(dest, -1):
+    while not under_way():
         assert time.monotonic() < deadline and slurm.state(job) != "GONE", \
-            (slurm.root / f"job-{job}.out").read_text(errors="replace")[-3000:]
+            job_log.read_text(errors="replace")[-3000:] if job_log.exists() else f"job {job}: no log"
         time.sleep(0.1)
     assert slurm.run(*scancel, job).returncode == 0
     log = wait_gone(slurm, job, 120)
