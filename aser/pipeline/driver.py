@@ -18,11 +18,12 @@ every recovery, so a run shows where its shards ran and what it survived.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -392,52 +393,22 @@ def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
 RAY_START_TIMEOUT_S = float(os.environ.get("ASER_RAY_START_TIMEOUT_S", "300"))
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (Linux's /proc; none elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _start_local_ray(held: lease.Lease | None, **kw: Any) -> None:
-    """``ray.init(address="local", ...)``, watched: if it has not returned after
-    ``RAY_START_TIMEOUT_S`` the run stops with a clear error (exit 2): DEST's lease released,
-    the Ray processes this driver started killed. Nothing of DEST is lost; the rerun resumes."""
-    started = threading.Event()
-
-    def watch() -> None:
-        if started.wait(RAY_START_TIMEOUT_S):
-            return
-        print(f"\naser: error: the local Ray instance did not start within {RAY_START_TIMEOUT_S:.0f} s (a Ray "
-              "process may have died while it started); rerun the same command to resume", file=sys.stderr)
-        try:
-            if held is not None:
-                held.release()
-        finally:
-            for pid in _descendants(os.getpid()):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            os._exit(2)
-
-    threading.Thread(target=watch, name="aser-ray-start-watchdog", daemon=True).start()
+    """``ray.init(address="local", ...)``, watched by ``aser.pipeline.start_watchdog``, a process:
+    if the start has not returned after ``RAY_START_TIMEOUT_S`` the run stops with a clear error,
+    DEST's lease released, the driver and the Ray processes it started killed. Nothing of DEST is
+    lost; the rerun resumes. (A thread cannot watch it: the stuck call holds the GIL.)"""
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "aser.pipeline.start_watchdog", str(os.getpid()), str(RAY_START_TIMEOUT_S)],
+        stdin=subprocess.PIPE, text=True)
+    assert watchdog.stdin is not None
+    watchdog.stdin.write(json.dumps({} if held is None else {"dest": held.dest, "epoch": held.record.epoch}) + "\n")
+    watchdog.stdin.flush()
     try:
         ray.init(address="local", **kw)
     finally:
-        started.set()
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 def _init_ray(config: RunConfig, held: lease.Lease | None = None) -> bool:

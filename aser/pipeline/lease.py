@@ -232,16 +232,22 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         if self._lost is None:
-            # Ours, and any epoch below it a stale holder's late heartbeat wrote back.
-            for epoch in _epochs(self.dest):
-                if epoch <= self.record.epoch:
-                    storage.remove(storage.join(self.dest, LEASE_DIR, _name(epoch)))
-            fs, path = storage.resolve(storage.join(self.dest, LEASE_DIR))
-            if storage._is_local(fs):
-                try:
-                    os.rmdir(path)  # only if empty: another run's new lease stays
-                except OSError:
-                    pass
+            remove(self.dest, self.record.epoch)
+
+
+def remove(dest: str, epoch: int) -> None:
+    """Delete the lease of ``epoch`` on DEST, and any epoch below it a stale holder's late
+    heartbeat wrote back (``Lease.release``, and the driver's start watchdog, which holds no
+    ``Lease``)."""
+    for e in _epochs(dest):
+        if e <= epoch:
+            storage.remove(storage.join(dest, LEASE_DIR, _name(e)))
+    fs, path = storage.resolve(storage.join(dest, LEASE_DIR))
+    if storage._is_local(fs):
+        try:
+            os.rmdir(path)  # only if empty: another run's new lease stays
+        except OSError:
+            pass
 
 
 def acquire(
