@@ -28,21 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chaos import _moto  # noqa: E402
-from chaos_harness import Setup, _name, finish, ray_worker_pids, start, upload  # noqa: E402
+from chaos_harness import Setup, _name, finish, ray_worker_pids, run_pids, start, upload  # noqa: E402
 from synthetic_llama import write_random_llama  # noqa: E402
-
-
-def run_pids(marker: str) -> list[int]:
-    """Every live process carrying the run's marker in its environment."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit() and int(p) != os.getpid():
-            try:
-                if marker.encode() in Path(f"/proc/{p}/environ").read_bytes():
-                    out.append(int(p))
-            except OSError:
-                pass
-    return out
 
 
 def main() -> None:
