@@ -61,6 +61,20 @@ def _moto() -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.1)
 
 
+def s3_on_moto() -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    """A moto S3 server on loopback, this process's environment pointed at it with test
+    credentials (children inherit them), its ``chaos`` bucket made: (server, endpoint, creds)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    moto, endpoint = _moto()
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(creds)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir("chaos")
+    return moto, endpoint, creds
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
@@ -75,17 +89,10 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     a = p.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    moto, endpoint = _moto()
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(creds)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    moto, endpoint, creds = s3_on_moto()
     rng = random.Random(a.seed)
     out: dict = {"seed": a.seed, "fault_rates": FAULT_RATES, "trials": []}
     try:
-        import s3fs
-
-        s3fs.S3FileSystem().mkdir("chaos")
         data = Path(a.data)
         with tempfile.TemporaryDirectory() as tmp:
             # Enough layers that the layer loop, not start-up, is most of a run.

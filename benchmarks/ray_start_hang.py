@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests" / "pipeline"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from chaos import _moto  # noqa: E402
+from chaos import s3_on_moto  # noqa: E402
 from chaos_harness import Setup, _name, finish, ray_worker_pids, run_pids, start, upload  # noqa: E402
 from synthetic_llama import write_random_llama  # noqa: E402
 
@@ -40,17 +40,10 @@ def main() -> None:
     p.add_argument("--dump", action="store_true", help="py-spy dump a hung run's Python processes")
     p.add_argument("--data", default=os.environ.get("ASER_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     a = p.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    moto, endpoint = _moto()
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(creds)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    moto, endpoint, creds = s3_on_moto()
     rng = random.Random(a.seed)
     tries = []
     try:
-        import s3fs
-
-        s3fs.S3FileSystem().mkdir("chaos")
         data = Path(a.data)
         with tempfile.TemporaryDirectory() as tmp:
             upload(write_random_llama(Path(tmp) / "m", data / "stories260K", 16, 256, 1024, 8), "s3://chaos/src")

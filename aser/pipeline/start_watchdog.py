@@ -20,6 +20,7 @@ import select
 import signal
 import sys
 
+
 def descendants(pid: int) -> list[int]:
     """The processes below ``pid`` (Linux's /proc; none elsewhere)."""
     children: dict[int, list[int]] = {}
