@@ -126,6 +126,9 @@ def _depth_growth(tmp_path: Path, stories_dir: Path, data_dir: Path, leak: bool 
     return growth
 
 
+# Two whole pipeline runs side by side (72-101 s): run by .ci/run with the cluster runs, to keep
+# the default run well under 15 minutes.
+@pytest.mark.cluster
 @pytest.mark.timeout(900)
 def test_private_memory_does_not_grow_with_depth(tmp_path: Path, stories_dir: Path, data_dir: Path) -> None:
     growth = _depth_growth(tmp_path, stories_dir, data_dir)
