@@ -9,7 +9,7 @@
 #             (benchmarks/gpu_kernels.py, the kernel tests' tolerances)
 #   gemm      python -m aser.kernels.bench.gemm --quick: TOPS vs torch bf16 and torch._int_mm,
 #             % of the INT8 dense peak (1979 TOPS on H100/H200)
-#   quantize  aser quantize of stories260K with GPU workers (Ray, calibration actors and
+#   quantize  aser quantize --format w4a8-int of stories260K with GPU workers (Ray, calibration actors and
 #             reconstruction tasks on the GPU), then aser eval (perplexity through the kernels)
 #   quantize_pack, eval_pack  the same with --format w4a16-pack: the pack-quantized files vLLM's
 #             Marlin serves, evaluated with Marlin's INT8 activation quantizer (fp32 scales)
@@ -89,7 +89,7 @@ if [[ $DRY == 1 ]]; then
   step kernels 300 "$PY" benchmarks/gpu_kernels.py --smoke --out "$OUTDIR/kernels.json"
   step gemm 120 "$PY" -m aser.kernels.bench.gemm --smoke --out "$OUTDIR/gemm.json"
   step quantize 600 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest" --calib "$CALIB" \
-    --num-samples 8 --seq-len 64 --workers 1 --no-progress --json
+    --num-samples 8 --seq-len 64 --workers 1 --no-progress --json --format w4a8-int
   step eval 300 "$PY" -m aser.pipeline.cli eval "$WORK/dest" --eval "$EVAL" --seq-len 256 --max-windows 2 --json
   step quantize_pack 600 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" "$WORK/dest_pack" --calib "$CALIB" \
     --num-samples 8 --seq-len 64 --workers 1 --no-progress --json --format w4a16-pack
@@ -106,7 +106,7 @@ else
   for variant in cpu:"--gpus-per-worker 0 --reconstruct-gpus 0" gpu_calib:"--reconstruct-gpus 0" gpu:""; do
     # shellcheck disable=SC2086  # the flags are meant to split
     step "quantize_${variant%%:*}" 75 "$PY" -m aser.pipeline.cli quantize "$DATA/stories260K" \
-      "$WORK/dest_${variant%%:*}" --calib "$CALIB" --num-samples 16 --seq-len 256 --json ${variant#*:}
+      "$WORK/dest_${variant%%:*}" --calib "$CALIB" --num-samples 16 --seq-len 256 --json --format w4a8-int ${variant#*:}
   done
   DEST=""
   for d in gpu gpu_calib cpu; do [[ -f "$WORK/dest_$d/config.json" ]] && { DEST="$WORK/dest_$d"; break; }; done

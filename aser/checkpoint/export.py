@@ -491,11 +491,13 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
     if adapter:
         lines += ["and request the model `aser`.", ""]
     lines += [{"w4a8": "vLLM has no CUDA kernel for this `int-quantized` W4A8 layout; its CPU backend serves it "
-                       "(and XPU). For GPUs quantize with `--format w4a16-pack`.",
+                       "(and XPU). For GPUs quantize with `--format w4a16-pack` (aser's default).",
                "w4a8-marlin": "The environment makes vLLM's Marlin kernel quantize activations to INT8 per token "
                               "(W4A8 compute, the arithmetic this checkpoint was made and measured for); Machete, "
-                              "which vLLM prefers on Hopper, ignores it, hence the second variable. Without them "
-                              "vLLM serves the same files as W4A16.",
+                              "which vLLM prefers on Hopper, ignores it, hence the second variable. Marlin's INT8 path "
+                              "with one scale per output channel (this checkpoint's) needs vLLM PR #38066; a vLLM "
+                              "without it may fail to load with the variables set. Without them vLLM serves the "
+                              "same files as W4A16.",
                "w4a16": "Served as W4A16 by vLLM's Marlin or Machete kernels on GPUs."}[fmt], ""]
     return "\n".join(lines)
 

@@ -12,3 +12,8 @@ OutputFormat = Literal["w4a8", "w4a16", "w4a8-marlin"]
 
 # The --format names users pick, by the file layout they write.
 FORMAT_NAMES = ("w4a8-int", "w4a16-pack")
+# What `aser quantize`, `aser simulate` and a recipe without `format:` write and compute: the form
+# vLLM serves on NVIDIA GPUs (Marlin; with VLLM_MARLIN_INPUT_DTYPE=int8 as W4A8, the arithmetic
+# the run models). vLLM routes w4a8-int to a scheme with no CUDA kernel ("Failed to find a
+# kernel", llm-compressor #2693): it serves on CPU/Arm/XPU backends only. README "Serving".
+DEFAULT_FORMAT = "w4a16-pack"

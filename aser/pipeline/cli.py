@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aser.pipeline.config import PROPAGATE_MODES, CalibConfig, apply_format
+from aser.pipeline.config import PROPAGATE_MODES, CalibConfig, method_with_format
 from aser.pipeline.flags import add_method_flags, given_format, given_method_fields
 from aser.pipeline.sources import DEFAULT_SOURCE
 from aser.workers.reconstruct import MethodConfig
@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 
 
 def method_from_args(a: argparse.Namespace) -> MethodConfig:
-    fields = given_method_fields(a)
-    fmt = given_format(a)
-    return MethodConfig.from_dict(fields if fmt is None else apply_format(fields, fmt))
+    return MethodConfig.from_dict(method_with_format(given_method_fields(a), given_format(a)))
 
 
 def _load(source: str) -> tuple[Any, Any]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # version is then refused instead of silently reinterpreted.
 CONFIG_VERSION = 1
 
-from aser.checkpoint.formats import FORMAT_NAMES, OutputFormat  # noqa: E402  (re-exported: the config names it)
+from aser.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES, OutputFormat  # noqa: E402  (re-exported: the config names it)
 
 Propagate = Literal["fp", "quantized"]
 PROPAGATE_MODES: tuple[str, ...] = ("fp", "quantized")
@@ -46,7 +46,9 @@ def _method_config_type() -> type[MethodConfig]:
 
 
 def _default_method() -> MethodConfig:
-    return _method_config_type()()
+    """MethodConfig's defaults in ``DEFAULT_FORMAT``: what a run computes and writes when neither
+    a flag nor a recipe names the format. Validated where every method is: in ``RunConfig``."""
+    return _method_config_type()(**method_with_format({}, None))
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -201,11 +203,15 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
         data = dict(data)
-        if "format" in data:  # a recipe's `format:` is method fields (see apply_format)
-            method = data.get("method", {})
-            if not isinstance(method, Mapping):
-                raise ConfigError(f"method must be a mapping, got {method!r}")
-            data["method"] = apply_format(method, data.pop("format"))
+        # A recipe's `format:` is method fields (see apply_format); without one, DEFAULT_FORMAT's.
+        # A manifest (it has a version) records the fields, not the format: read as written (one
+        # from before `act_quant` existed computed with the compressed-tensors quantizer).
+        method = data.get("method", {})
+        if not isinstance(method, Mapping):
+            raise ConfigError(f"method must be a mapping, got {method!r}")
+        fmt = data.pop("format", None)
+        if fmt is not None or "version" not in data:
+            data["method"] = method_with_format(method, fmt)
         version = data.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
             raise ConfigError(
@@ -247,6 +253,16 @@ def apply_format(method: Mapping[str, Any], fmt: object) -> dict[str, Any]:
     if fmt == "w4a8-int" and weight_only:
         raise ConfigError("format w4a8-int stores INT8 activations: a_bits must be 8, not 16")
     return {**method, "act_quant": "marlin" if fmt == "w4a16-pack" and not weight_only else "compressed-tensors"}
+
+
+def method_with_format(method: Mapping[str, Any], fmt: object | None) -> dict[str, Any]:
+    """The method fields with ``fmt`` applied; with no format, ``DEFAULT_FORMAT`` unless the
+    fields already name their activation quantizer (a manifest's, or a recipe that sets it)."""
+    if fmt is None:
+        if "act_quant" in method:
+            return dict(method)
+        fmt = DEFAULT_FORMAT
+    return apply_format(method, fmt)
 
 
 def _a_bits_format(a_bits: object) -> OutputFormat:

@@ -41,9 +41,9 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     add = functools.partial(p.add_argument, default=argparse.SUPPRESS)
     add("--method", choices=METHODS)
     add("--format", choices=FORMAT_NAMES,
-        help="w4a8-int: compressed-tensors int-quantized with INT8 activations (transformers, vLLM on "
-             "CPU/XPU); w4a16-pack: pack-quantized INT4 for GPU kernels (vLLM Marlin), computed with "
-             "Marlin's INT8 activations (VLLM_MARLIN_INPUT_DTYPE=int8) unless --a-bits 16")
+        help="w4a16-pack (default): pack-quantized INT4 for GPU kernels (vLLM Marlin), computed with "
+             "Marlin's INT8 activations (VLLM_MARLIN_INPUT_DTYPE=int8) unless --a-bits 16; w4a8-int: "
+             "compressed-tensors int-quantized with INT8 activations (transformers, vLLM on CPU/XPU)")
     add("--rank", type=int)
     add("--w-bits", type=int)
     add("--a-bits", type=_a_bits, help="8 (W4A8), or 16 for no activation quantization (W4A16)")

@@ -300,6 +300,7 @@ def test_model_card_and_config_say_the_base_needs_its_adapter(source: Path, tmp_
     assert "--enable-lora --lora-modules aser=THIS_DIR/aser_adapter --max-lora-rank 8" in body
     assert ("no CUDA kernel" in body) == (fmt == "w4a8")
     assert ("VLLM_MARLIN_INPUT_DTYPE=int8 VLLM_DISABLED_KERNELS=MacheteLinearKernel vllm serve" in body) == (fmt == "w4a8-marlin")
+    assert ("PR #38066" in body) == (fmt == "w4a8-marlin")  # per-channel INT8 Marlin: not in every vLLM
     assert CARD["calibration"]["tokens_sha256"] in body and "| rank | 8 |" in body
     assert str(tmp_path) not in card and str(source) not in card  # the same card whatever the DEST
     cfg = json.loads((dest / "config.json").read_text())

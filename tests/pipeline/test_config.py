@@ -28,7 +28,7 @@ def test_defaults_round_trip_through_json() -> None:
     assert d["version"] == CONFIG_VERSION
     assert RunConfig.from_dict(d) == cfg
     assert from_dict(to_dict(cfg)) == cfg
-    assert cfg.output_format == "w4a8"
+    assert cfg.output_format == "w4a8-marlin"  # DEFAULT_FORMAT: w4a16-pack, Marlin's INT8
 
 
 def test_weight_only_is_w4a16() -> None:
@@ -86,7 +86,7 @@ def test_yaml_recipe_partial_with_cli_override(tmp_path: Path) -> None:
         "workers:\n  num_workers: 2\n"
     )
     cfg = from_yaml(str(recipe), source="file:///src", dest="memory://dst")
-    assert cfg.method == MethodConfig(method="er", rank=16)
+    assert cfg.method == MethodConfig(method="er", rank=16, act_quant="marlin")
     assert cfg.calib == CalibConfig(num_samples=4)
     assert (cfg.propagate, cfg.workers.num_workers, cfg.source) == ("quantized", 2, "file:///src")
     recipe.write_text("method:\n  rank: -2\n")
@@ -185,7 +185,7 @@ def test_from_dict_message_is_exact(data: Any, message: str) -> None:
         RunConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("a_bits, stored, fmt", [(16, None, "w4a16"), (None, None, "w4a16"), (8, 8, "w4a8")])
+@pytest.mark.parametrize("a_bits, stored, fmt", [(16, None, "w4a16"), (None, None, "w4a16"), (8, 8, "w4a8-marlin")])
 def test_recipe_a_bits(a_bits: int | None, stored: int | None, fmt: str) -> None:
     """Recipes spell weight-only as a_bits 16; manifests store it as None; both read back."""
     cfg = RunConfig.from_dict({"source": "a", "dest": "b", "method": {"a_bits": a_bits}})

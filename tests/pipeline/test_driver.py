@@ -259,7 +259,7 @@ def _quantize(args: list[str], env_extra: dict[str, str]) -> subprocess.Complete
 def _resume_args(dest: Path, paths: dict[str, str], address: str) -> list[str]:
     return [paths["source"], str(dest), "--calib", paths["calib"], "--num-samples", str(NUM_SAMPLES),
             "--seq-len", "64", "--rank", "8", "--num-outliers", "4", "--cpus-per-worker", "0.5",
-            "--address", address]
+            "--address", address, "--format", "w4a8-int"]  # run_config's METHOD: compressed-tensors' INT8
 
 
 def _killed(args: list[str], point: str, dest: Path) -> dict:

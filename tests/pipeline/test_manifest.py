@@ -179,7 +179,7 @@ def test_mismatch_messages_list_every_difference(tmp_path: Path) -> None:
         "differ); use a new destination or restore the source"
     )
     del m.config["calib"]["seed"]  # a field this manifest does not have
-    assert _mismatch(m, dest, FP, "cc", method=MethodConfig(rank=16)) == (
+    assert _mismatch(m, dest, FP, "cc", method=MethodConfig(rank=16, act_quant="marlin")) == (
         "the config differs from the one this destination was started with (calib.seed: '<absent>' -> 0, "
         "method.rank: 32 -> 16); rerun with the original config or use a new destination"
     )

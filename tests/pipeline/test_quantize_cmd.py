@@ -38,9 +38,10 @@ def test_defaults_are_the_embedded_model_and_the_dataclass_defaults() -> None:
     assert _config(["--calib", "t.txt"]).calib == CalibConfig(source="t.txt")
 
 
-def test_simulate_method_defaults_are_method_config_defaults() -> None:
+def test_simulate_method_defaults_are_a_runs_defaults() -> None:
     a = _parse(["simulate", "--eval", "e.txt"])
-    assert cli.method_from_args(a) == MethodConfig()
+    assert cli.method_from_args(a) == RunConfig(source="s", dest="d").method
+    assert RunConfig(source="s", dest="d").method.act_quant == "marlin"  # config.DEFAULT_FORMAT's
 
 
 def test_flags_override_the_recipe_and_the_recipe_overrides_defaults(tmp_path: Path) -> None:
@@ -72,7 +73,18 @@ def test_base_outliers_from_the_flag_or_the_recipe(tmp_path: Path) -> None:
 
 
 def test_format_picks_the_layout_and_the_activation_quantizer(tmp_path: Path) -> None:
-    assert _config([]).output_format == "w4a8"  # compressed-tensors int-quantized
+    # The default is the GPU-servable layout (pack-quantized, Marlin's INT8 activations), for the
+    # flags, a recipe without `format:` and `aser simulate` alike; --a-bits 16 alone is W4A16.
+    assert _config([]).output_format == "w4a8-marlin"
+    assert _config(["--a-bits", "16"]).output_format == "w4a16"
+    no_format = _recipe(tmp_path, "method: {rank: 8}\nsource: s3://b/src\ndest: s3://b/dst\n")
+    assert _config(["--recipe", no_format]).output_format == "w4a8-marlin"
+    assert cli.method_from_args(_parse(["simulate", "--eval", "e.txt"])).act_quant == "marlin"
+    # A manifest's config is read as written: one from before `act_quant` existed is compressed-tensors'.
+    recorded = _config(["--format", "w4a8-int"]).to_dict()
+    del recorded["method"]["act_quant"]
+    assert RunConfig.from_dict(recorded).output_format == "w4a8"
+    assert RunConfig.from_dict(_config([]).to_dict()).output_format == "w4a8-marlin"
     c = _config(["--format", "w4a16-pack"])
     assert (c.method.act_quant, c.output_format) == ("marlin", "w4a8-marlin")
     c = _config(["--format", "w4a16-pack", "--a-bits", "16"])
@@ -139,7 +151,8 @@ def test_a_bits_16_is_weight_only(tmp_path: Path) -> None:
     assert cli.method_from_args(_parse(["simulate", "--eval", "e", "--a-bits", "16"])).a_bits is None
     c = _config(["--recipe", _recipe(tmp_path, "method: {a_bits: 16}\n")])
     assert (c.method.a_bits, c.output_format) == (None, "w4a16")
-    assert _config(["--a-bits", "8"]).output_format == "w4a8"
+    assert _config(["--a-bits", "8"]).output_format == "w4a8-marlin"
+    assert _config(["--a-bits", "8", "--format", "w4a8-int"]).output_format == "w4a8"
 
 
 @pytest.mark.parametrize("value", ["0", "none", "32", "x"])
