@@ -39,7 +39,7 @@ from aser.checkpoint import state as run_state
 from aser.pipeline import lease, manifest, verify
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig
-from aser.pipeline.memory import ModelShape, RunCost, estimate
+from aser.pipeline.memory import ModelShape, RunCost, estimate, tasks_blocked_by_actors
 from aser.pipeline.resources import ResourceError, Resources, resolve_resources
 from aser.pipeline.plan import Plan, make_plan
 from aser.pipeline.plan_cmd import preview
@@ -372,8 +372,10 @@ def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:
 
 def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
     """Host bytes to ask of Ray per process kind; refuses, before any work, a kind that needs
-    more than the largest node offers (Ray would leave it pending forever)."""
-    offered = max((float(n.get("Resources", {}).get("memory", 0.0)) for n in nodes if n.get("Alive")), default=0.0)
+    more than the largest node offers, or actors that leave no room for a task (Ray would leave
+    it pending forever)."""
+    alive = [float(n.get("Resources", {}).get("memory", 0.0)) for n in nodes if n.get("Alive")]
+    offered = max(alive, default=0.0)
     memory = {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
     if offered > 0:
         for kind, need in memory.items():
@@ -384,6 +386,10 @@ def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
                     f"{terms[1] / 2**30:.1f} GiB); the largest Ray node offers {offered / 2**30:.1f} GiB. "
                     "Run `aser plan` to see the costs; more workers shard the calibration set"
                 )
+        blocked = tasks_blocked_by_actors(cost, sum(alive))
+        if blocked:
+            raise ResourceError(f"the run would wait forever: {blocked}. Lower --workers, or give Ray more "
+                                "memory (more nodes); `aser plan` shows each process's cost")
     return memory
 
 

@@ -231,3 +231,27 @@ def estimate(
         "reconstruct_products": float(L * sum(4 * lin.out_features * lin.in_features ** 2 for lin in shape.linears)),
     }
     return RunCost([driver, calib, smooth, rec, writer, finalize], bytes_read, bytes_written, store, flops)
+
+
+# The per-layer task kinds: transient, where a calibration actor holds its resources for the run.
+TASK_KINDS = ("smooth", "reconstruct", "writer", "finalize")
+
+
+def tasks_blocked_by_actors(cost: RunCost, offered_bytes: float) -> str | None:
+    """Why no per-layer task could ever start beside the calibration actors on a cluster whose
+    nodes offer ``offered_bytes`` of memory in all, or None. Ray holds an actor's ``memory`` for
+    its whole life, and every layer needs its tasks (read, smooth, reconstruct, write): when what
+    the actors hold plus the largest task exceeds the cluster's memory, that task is never
+    scheduled and the run waits forever without an error (seen: stories260K, 2 workers, a
+    1.3 GiB Ray instance). On one node this is exact; on several, necessary only (Ray may still
+    fragment what is left)."""
+    kinds = cost.by_kind()
+    actors = kinds["calibration"]
+    held = actors.count * actors.peak_host_bytes
+    task = max((kinds[k] for k in TASK_KINDS), key=lambda p: p.peak_host_bytes)
+    if held + task.peak_host_bytes <= offered_bytes:
+        return None
+    return (f"{actors.count} calibration worker(s) hold {actors.count} x {actors.peak_host_bytes / 2**30:.1f} GiB "
+            f"of host memory for the whole run and a {task.kind} task needs {task.peak_host_bytes / 2**30:.1f} GiB "
+            f"beside them: {(held + task.peak_host_bytes) / 2**30:.1f} GiB, where the cluster offers "
+            f"{offered_bytes / 2**30:.1f} GiB in all")

@@ -20,7 +20,7 @@ from typing import Any
 from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint import storage
 from aser.pipeline.config import WorkersConfig
-from aser.pipeline.memory import ModelShape, RunCost, estimate
+from aser.pipeline.memory import ModelShape, RunCost, estimate, tasks_blocked_by_actors
 from aser.pipeline.resources import resolve_resources
 
 
@@ -154,6 +154,9 @@ def _fits(cost: RunCost, gpw: float, recon_gpus: float, p: DeviceProfile, nodes:
         if need > p.host_memory_bytes:
             problems.append(f"{kind}: needs {need / 2**30:.1f} GiB of host memory, a node has "
                             f"{p.host_memory_bytes / 2**30:.1f} GiB")
+    blocked = tasks_blocked_by_actors(cost, p.host_memory_bytes * nodes)
+    if blocked:
+        problems.append(f"host: {blocked}")
     if gpw > 0:
         per_gpu = kinds["calibration"].peak_gpu_bytes
         if recon_gpus > 0:

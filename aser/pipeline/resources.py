@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aser.pipeline.config import WorkersConfig
+from aser.workers.ray_actors import TASK_NUM_CPUS
 
 # Defaults on a cluster with GPUs: each GPU hosts one calibration actor (half of it: its forward
 # is short and memory-bound) and shares the rest among reconstruction tasks (Cholesky, SVD,
@@ -92,5 +93,15 @@ def resolve_resources(wc: WorkersConfig, cluster: dict[str, float], node_cpus: S
         raise ResourceError(
             f"{num_workers} calibration worker(s) x {cpw:g} CPU need {num_workers * cpw:g} CPUs; "
             f"the Ray cluster has {cpus:g}"
+        )
+    # The actors hold their CPUs for the whole run; every layer's tasks (1 CPU each, a
+    # reconstruction --reconstruct-cpus) need some beside them, or they wait forever without an
+    # error (seen: --workers 2 --cpus-per-worker 1 on 2 CPUs). Exact on one node, necessary on several.
+    task_cpus = max(TASK_NUM_CPUS, wc.reconstruct_cpus)
+    if num_workers * cpw + task_cpus > cpus:
+        raise ResourceError(
+            f"{num_workers} calibration worker(s) x {cpw:g} CPU hold {num_workers * cpw:g} of the Ray cluster's "
+            f"{cpus:g} CPUs for the whole run, leaving fewer than the {task_cpus:g} a layer's tasks need: the run "
+            "would wait forever. Lower --workers or --cpus-per-worker"
         )
     return Resources(num_workers, cpw, per_worker, recon, gpus, wc.reconstruct_cpus)

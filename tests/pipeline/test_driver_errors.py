@@ -3,6 +3,7 @@ a missing test-data folder: an error in CI, not a silent skip."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -183,3 +184,18 @@ def test_a_local_ray_start_that_never_returns_stops_clearly(tmp_path: Path, stor
     child = int(proc.stdout.split("child ")[1].split()[0])
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert not any((dest / lease.LEASE_DIR).glob("*"))  # the lease released: the rerun need not wait for it
+
+
+def test_workers_that_hold_every_cpu_are_refused_before_any_work(
+    ray_cluster: str, stories_dir: Path, tmp_path: Path, calib: str
+) -> None:
+    """3 workers x 3 CPUs on the test cluster's 3 x 3 CPUs: each actor fits a node, but no task of
+    any layer could ever start beside them. Before the check this run waited forever, silently."""
+    from aser.pipeline.resources import ResourceError
+
+    dest = tmp_path / "out"
+    config = run_config(str(stories_dir), str(dest), calib, num_workers=3)
+    config = dataclasses.replace(config, workers=dataclasses.replace(config.workers, num_cpus_per_worker=3.0))
+    with pytest.raises(ResourceError, match=r"^3 calibration worker\(s\) x 3 CPU hold 9 of the Ray cluster's 9 CPUs"):
+        driver.run(config, show_progress=False)
+    assert not (dest / "aser_manifest.json").exists()  # refused before any work

@@ -138,6 +138,28 @@ def test_driver_refuses_what_no_node_can_hold(tmp_path: Path) -> None:
     assert asked == {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
 
 
+def test_driver_refuses_actors_that_leave_no_memory_for_a_task(tmp_path: Path) -> None:
+    """Each process fits a node, but Ray holds the actors' memory for the whole run: with two
+    workers, what they hold plus the largest task exceeds the cluster, and the first such task
+    would wait forever (seen: stories260K, 2 workers, a 1.3 GiB Ray instance hung)."""
+    shape = read_shape(str(_config_dir(tmp_path)))
+    cost = memory.estimate(shape, 16, 128, 2, 0.0, 0.0, 32, 8)
+    kinds = cost.by_kind()
+    held = 2 * kinds["calibration"].peak_host_bytes
+    task = max(kinds[k].peak_host_bytes for k in memory.TASK_KINDS)
+    assert kinds["calibration"].count == 2
+    just_short = [{"Alive": True, "Resources": {"memory": held + task - 1}}]
+    with pytest.raises(ResourceError, match=r"^the run would wait forever: 2 calibration worker\(s\) hold 2 x 0\.\d GiB "
+                                            r"of host memory for the whole run and a \w+ task needs 0\.\d GiB beside them"):
+        driver.fit_memory(cost, just_short)
+    # Several nodes: the memory of all of them counts (necessary, not sufficient: Ray places).
+    driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": (held + task) / 2}}] * 2)
+    driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": held + task}}])
+    # aser plan says the same, from the same function.
+    assert memory.tasks_blocked_by_actors(cost, held + task - 1)
+    assert memory.tasks_blocked_by_actors(cost, held + task) is None
+
+
 def test_make_report_uses_the_profile_and_node_count(tmp_path: Path) -> None:
     shape = read_shape(str(_config_dir(tmp_path)))
     one = make_report(shape, PROFILES["h200"], 1, None, None, None, 16, 128, 32, 8)

@@ -31,3 +31,15 @@ def test_a_cpu_worker_running_alone_gets_the_machine_less_the_tasks_share() -> N
 def test_tasks_larger_than_any_node_are_refused() -> None:
     with pytest.raises(ResourceError, match="reconstruction tasks ask for 8 CPUs each; the largest Ray node has 4"):
         _resolve([4.0, 4.0], reconstruct_cpus=8)
+
+
+def test_actors_that_leave_no_cpu_for_a_task_are_refused() -> None:
+    """Actors hold their CPUs for the whole run; a layer's tasks need one (or --reconstruct-cpus)
+    beside them, or Ray leaves them pending forever (seen: 2 workers x 1 CPU on 2 CPUs hung)."""
+    with pytest.raises(ResourceError, match=r"^2 calibration worker\(s\) x 1 CPU hold 2 of the Ray cluster's 2 CPUs "
+                                            r"for the whole run, leaving fewer than the 1 a layer's tasks need"):
+        _resolve([2.0], num_workers=2, num_cpus_per_worker=1.0)
+    with pytest.raises(ResourceError, match="leaving fewer than the 3 a layer's tasks need"):
+        _resolve([4.0], num_workers=2, num_cpus_per_worker=1.0, reconstruct_cpus=3)
+    assert _resolve([3.0], num_workers=2, num_cpus_per_worker=1.0) == (1.0, 2)
+    assert _resolve([2.0], num_workers=2, num_cpus_per_worker=0.5) == (0.5, 2)
