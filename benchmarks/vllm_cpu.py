@@ -116,6 +116,10 @@ def run_vllm_side(cmd: list[str], attempts: int = 2) -> tuple[float, list[dict[s
         last = proc.stderr.strip().splitlines()[-3:]
         if proc.returncode > 0 or attempt == attempts:
             sys.stderr.write(proc.stderr[-4000:])
+            # The engine's worker logs the root cause far above the tail (its traceback repeats).
+            causes = dict.fromkeys(line.split("] ", 1)[-1] for line in proc.stderr.splitlines()
+                                   if "Error: " in line and "EngineDeadError" not in line)
+            sys.stderr.write("".join(f"[bench] vLLM's error: {c}\n" for c in causes))
             raise SystemExit(f"failed ({proc.returncode}, attempt {attempt} of {attempts}): {' '.join(cmd[:4])} ...")
         crashes.append({"signal": -proc.returncode, "wall_s": wall, "stderr_tail": last})
         print(f"[bench] vLLM's side died of signal {-proc.returncode} after {wall:.0f} s ({' / '.join(last)}); "
@@ -146,7 +150,7 @@ def main() -> int:
     vllm_python = ensure_venv(a.venv)
     tok = AutoTokenizer.from_pretrained(resolve_source(a.source))
     windows = data.eval_windows(data.tokenize(tok, data.load_text(a.eval)), a.eval_seq_len, a.windows)
-    out: dict[str, Any] = {"source": a.source, "method": "aser", "rank": a.rank,
+    out: dict[str, Any] = {"source": a.source, "method": "aser", "rank": a.rank, "format": a.format,
                            "eval": f"{windows.shape[0]} x {a.eval_seq_len} of {data_relative(a.eval)}",
                            "machine_cpus": os.cpu_count()}
 
