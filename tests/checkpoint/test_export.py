@@ -301,6 +301,7 @@ def test_model_card_and_config_say_the_base_needs_its_adapter(source: Path, tmp_
     assert ("no CUDA kernel" in body) == (fmt == "w4a8")
     assert ("VLLM_MARLIN_INPUT_DTYPE=int8 VLLM_DISABLED_KERNELS=MacheteLinearKernel vllm serve" in body) == (fmt == "w4a8-marlin")
     assert ("PR #38066" in body) == (fmt == "w4a8-marlin")  # per-channel INT8 Marlin: not in every vLLM
+    assert ("`--format w4a8-int` for vLLM on CPUs" in body) == (fmt != "w4a8")  # the CPU build lacks the op
     assert CARD["calibration"]["tokens_sha256"] in body and "| rank | 8 |" in body
     assert str(tmp_path) not in card and str(source) not in card  # the same card whatever the DEST
     cfg = json.loads((dest / "config.json").read_text())
