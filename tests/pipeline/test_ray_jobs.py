@@ -174,11 +174,15 @@ def recipe(reference: tuple[Any, dict[str, bytes], float], tmp_path_factory: pyt
 def _load_with_peft(dest: str, tmp: Path) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     fs, root = storage.resolve(dest)
     fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    # As the DEST's model card says for the default (pack-quantized) format: transformers keeps
+    # packed weights packed, and PEFT wraps a Linear's `weight` ("'Linear' object has no attribute
+    # 'weight'" without it).
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tmp), dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
     model = PeftModel.from_pretrained(model, str(tmp / "aser_adapter")).eval()
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
