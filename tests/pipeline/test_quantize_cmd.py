@@ -79,6 +79,9 @@ def test_format_picks_the_layout_and_the_activation_quantizer(tmp_path: Path) ->
     assert _config(["--a-bits", "16"]).output_format == "w4a16"
     no_format = _recipe(tmp_path, "method: {rank: 8}\nsource: s3://b/src\ndest: s3://b/dst\n")
     assert _config(["--recipe", no_format]).output_format == "w4a8-marlin"
+    # A recipe that names its activation quantizer but no format keeps that quantizer.
+    named = _recipe(tmp_path, "method: {act_quant: compressed-tensors}\nsource: s3://b/src\ndest: s3://b/dst\n")
+    assert _config(["--recipe", named]).output_format == "w4a8"
     assert cli.method_from_args(_parse(["simulate", "--eval", "e.txt"])).act_quant == "marlin"
     # A manifest's config is read as written: one from before `act_quant` existed is compressed-tensors'.
     recorded = _config(["--format", "w4a8-int"]).to_dict()
