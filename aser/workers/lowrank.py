@@ -8,9 +8,9 @@ All three return (L_A: (N, r), L_B: (r, K)) with E ≈ L_A L_B in the sense each
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,21 +31,31 @@ class LowRank:
     projected: torch.Tensor | None = None
 
 
-def damped_cholesky(G: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
+def damped_cholesky(
+    G: torch.Tensor, damp: float, max_tries: int = 6, *, refill: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, float, int]:
     """Lower Cholesky factor of G + λ·mean(diag G)·I, λ escalated ×10 on failure.
 
-    G: (K, K) float64, left unchanged. Returns (S, λ used, attempts). Raises after max_tries
-    failures. Memory: one Gram-sized buffer besides G: the damped copy is factored in place
-    (``out=`` the input) and the damping touches only its diagonal. A Llama-3-70B down_proj Gram
-    is 6.1 GiB in float64; the earlier form (an identity, λ·I, G + λI, then the factor) held four
+    G: (K, K) float64. Returns (S, λ used, attempts). Raises after max_tries failures.
+
+    Memory: without ``refill``, G is left unchanged and the damped copy is factored in place
+    (``out=`` the input; the damping touches only its diagonal): one Gram-sized buffer besides
+    G. With ``refill``, G itself is damped and factored in place and becomes S: no Gram-sized
+    buffer at all; a failed attempt has overwritten G (torch zeroes the other triangle even on
+    failure), so ``refill(G)`` must write the Gram into it again before the next one (a
+    reconstruction task fetches it from the object store again). A Llama-3-70B down_proj Gram is
+    6.1 GiB in float64; the first form (an identity, λ·I, G + λI, then the factor) held four
     such buffers: 24 GiB above G on an H200, measured.
     """
     mean_diag = _mean_diag(G)
-    S = torch.empty_like(G)
+    S = G if refill is not None else torch.empty_like(G)
     info = torch.empty((), dtype=torch.int32, device=G.device)
     lam = damp
     for attempt in range(1, max_tries + 1):
-        S.copy_(G)
+        if refill is None:
+            S.copy_(G)
+        elif attempt > 1:
+            refill(S)
         S.diagonal().add_(lam * mean_diag)
         torch.linalg.cholesky_ex(S, out=(S, info))
         if int(info) == 0:
@@ -83,11 +93,36 @@ def mm_lower(A: torch.Tensor, L: torch.Tensor, block: int = TRI_BLOCK) -> torch.
     return out
 
 
+def sum_sq(D: torch.Tensor) -> float:
+    """‖D‖_F² as one dot product of D with itself: no temporary of D's size (``(D * D).sum()``
+    makes one: 1.75 GiB for a Llama-3-70B down_proj in float64)."""
+    flat = D.reshape(-1)
+    return float(torch.dot(flat, flat))
+
+
 def whitened_error_sq(DS: torch.Tensor, D: torch.Tensor, shift: float) -> float:
     """‖D X‖_F² from D S and D, where S Sᵀ = G + shift·I = X Xᵀ + shift·I: tr(D G Dᵀ) =
     ‖D S‖² − shift·‖D‖², exact up to rounding (clamped at 0 against it). Costs two reductions
     instead of the 2 N K² of ``output_error_sq``."""
-    return max(float((DS * DS).sum()) - shift * float((D * D).sum()), 0.0)
+    return max(sum_sq(DS) - shift * sum_sq(D), 0.0)
+
+
+# Rows per block of ``whitened_error_rows``: 1024 rows of a 28672-wide input are 224 MiB in float64.
+ROW_BLOCK = 1024
+
+
+def whitened_error_rows(D: Callable[[int, int], torch.Tensor], N: int, S: torch.Tensor, shift: float,
+                        rows: int = ROW_BLOCK) -> float:
+    """``whitened_error_sq`` of an (N, K) matrix given by its blocks of rows (``D(r0, r1)``, in
+    any dtype; cast to S's), never materialised whole: the reference ‖W X‖² and the error left
+    ‖(E − L_A L_B) X‖² cost a block of rows and its product with S, not two (N, K) float64
+    buffers."""
+    total_ds = total_d = 0.0
+    for r0 in range(0, N, rows):
+        block = D(r0, min(r0 + rows, N)).to(S.dtype)
+        total_d += sum_sq(block)
+        total_ds += sum_sq(mm_lower(block, S))
+    return max(total_ds - shift * total_d, 0.0)
 
 
 def _top_svd(A: torch.Tensor, rank: int, mode: str, niter: int, oversample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,10 +164,14 @@ def whitened_lowrank(
     niter: int = 4,
     oversample: int = 16,
     energy: float | None = None,
+    refill: Callable[[torch.Tensor], None] | None = None,
 ) -> LowRank:
-    """ER / ASER step 3. E: (N, K) float64; G: (K, K) float64 (Gram of the layer's input)."""
+    """ER / ASER step 3. E: (N, K) float64; G: (K, K) float64 (Gram of the layer's input).
+
+    refill: factor G in place (it becomes ``factor``), see ``damped_cholesky``."""
     t0 = time.perf_counter()
-    S, lam, tries = damped_cholesky(G, damp)
+    mean_diag = _mean_diag(G)
+    S, lam, tries = damped_cholesky(G, damp, refill=refill)
     t1 = time.perf_counter()
     ES = mm_lower(E, S)
     U, sig, V = _top_svd(ES, min(rank, min(E.shape)), "exact" if energy is not None else svd, niter, oversample)
@@ -142,7 +181,7 @@ def whitened_lowrank(
     # L_B = V_rᵀ S⁻¹  ⇔  L_Bᵀ = S⁻ᵀ V_r: a triangular solve with Sᵀ (upper), never an inverse.
     L_B = torch.linalg.solve_triangular(S.T, V, upper=True).T
     return LowRank(L_A, L_B, sig, lam, tries, cholesky_s=t1 - t0, svd_s=time.perf_counter() - t1,
-                   factor=S, shift=lam * _mean_diag(G), projected=ES)
+                   factor=S, shift=lam * mean_diag, projected=ES)
 
 
 def plain_lowrank(E: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 4, oversample: int = 16) -> LowRank:

@@ -22,11 +22,13 @@ from aser.kernels.quant import ACT_QUANT_STYLES, dequantize_weight, quantize_wei
 from aser.workers.arch import LinearGroup, can_fold, fold_smoothing, groups_for
 from aser.workers.gptq import gptq_quantize
 from aser.workers.lowrank import (
+    ROW_BLOCK,
     LowRank,
     l2qer_lowrank,
-    mm_lower,
     output_error_sq,
     plain_lowrank,
+    sum_sq,
+    whitened_error_rows,
     whitened_error_sq,
     whitened_lowrank,
 )
@@ -292,11 +294,21 @@ def _quantize(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor | None, cfg: 
     given = None
     if keep is not None and cfg.base_outliers == "full":
         given = stored(weight_scale(W, cfg.w_bits, cfg.group_size))
-    Wm = W if keep is None else torch.where(keep[None, :], W, torch.zeros((), dtype=W.dtype))
     if cfg.quantizer == "rtn":
-        scale = given if given is not None else stored(weight_scale(Wm, cfg.w_bits, cfg.group_size))
-        q, scale = quantize_weight(Wm, cfg.w_bits, cfg.group_size, scale=scale)
+        # Row blocks: every step is per row (per-channel or per-group scales), so the bytes are
+        # those of the whole matrix at once, with a block's temporaries instead of (N, K) ones.
+        N = W.shape[0]
+        q = torch.empty(W.shape, dtype=torch.int8, device=W.device)
+        scales = []
+        for r0 in range(0, N, ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, N)
+            Wb = W[r0:r1] if keep is None else torch.where(keep[None, :], W[r0:r1], torch.zeros((), dtype=W.dtype))
+            sb = given[r0:r1] if given is not None else stored(weight_scale(Wb, cfg.w_bits, cfg.group_size))
+            q[r0:r1], sb = quantize_weight(Wb, cfg.w_bits, cfg.group_size, scale=sb)
+            scales.append(sb)
+        scale = torch.cat(scales)
     elif keep is None or cfg.group_size is not None:
+        Wm = W if keep is None else torch.where(keep[None, :], W, torch.zeros((), dtype=W.dtype))
         q, scale = gptq_quantize(Wm, G, cfg.w_bits, group_size=cfg.group_size, damp=cfg.gptq_damp,
                                  block_size=cfg.gptq_block_size, scale_dtype=scale_dtype, scale=given)
     else:
@@ -312,7 +324,8 @@ def _quantize(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor | None, cfg: 
     return q, scale
 
 
-def _lowrank(E: torch.Tensor, stats: GroupStats, rank: int, cfg: MethodConfig) -> LowRank | None:
+def _lowrank(E: torch.Tensor, G: torch.Tensor, stats: GroupStats, rank: int, cfg: MethodConfig,
+             refill: Callable[[torch.Tensor], None] | None) -> LowRank | None:
     if cfg.lowrank is None or rank == 0:
         return None
     kw = dict(svd=cfg.svd, niter=cfg.svd_niter, oversample=cfg.svd_oversample)
@@ -320,7 +333,7 @@ def _lowrank(E: torch.Tensor, stats: GroupStats, rank: int, cfg: MethodConfig) -
         return plain_lowrank(E, rank, **kw)  # type: ignore[arg-type]
     if cfg.lowrank == "l2qer":
         return l2qer_lowrank(E, stats.mean_abs, rank, **kw)  # type: ignore[arg-type]
-    return whitened_lowrank(E, stats.gram, rank, damp=cfg.damp, energy=cfg.rank_energy, **kw)  # type: ignore[arg-type]
+    return whitened_lowrank(E, G, rank, damp=cfg.damp, energy=cfg.rank_energy, refill=refill, **kw)  # type: ignore[arg-type]
 
 
 def reconstruct_linear(
@@ -330,6 +343,7 @@ def reconstruct_linear(
     cfg: MethodConfig,
     *,
     scale_dtype: torch.dtype | None = None,
+    refill_gram: Callable[[torch.Tensor], None] | None = None,
 ) -> LinearResult:
     """Steps 2–3 for one (already smoothed) linear.
 
@@ -337,68 +351,85 @@ def reconstruct_linear(
     extracted from the INT path (None: none). Outputs are in ``scale_dtype`` (default W's dtype);
     metrics hold the relative output errors ‖ΔW X‖ / ‖W X‖ before and after the correction and
     seconds per stage.
+
+    refill_gram: the caller gives ``stats.gram`` up: the whitening factors it in place (it is
+    lost), and ``refill_gram(buf)`` writes the Gram into ``buf`` again should a Cholesky attempt
+    fail (``lowrank.damped_cholesky``). None: ``stats`` is left as it was.
+
+    Memory (RTN + whitened low rank, the ASER default): the Gram (and, without ``refill_gram``,
+    its factor beside it), two (N, K) float64 buffers (W̃ turned into E in place; E S, later
+    R S in place) and blocks of rows (``lowrank.ROW_BLOCK``) for the rest: a Llama-3-70B
+    down_proj needs 6.1 + 2 x 1.75 GiB (the first form held the Gram, its factor and five or six
+    such buffers: 22 GiB).
     """
     out_dtype = scale_dtype or W.dtype
-    W64 = W.detach().to(torch.float64)
-    G = stats.gram.to(W64.device)
+    N = W.shape[0]
+    E = W.detach().to(torch.float64, copy=True)  # W̃ now; E = W̃ − Ŵ in place after quantizing
+    G = stats.gram.to(E.device)
     t0 = time.perf_counter()
     keep = None
     if outliers is not None and outliers.numel() and cfg.outlier_mode != "none":
-        keep = torch.ones(W64.shape[1], dtype=torch.bool, device=W64.device)
-        keep[outliers.to(W64.device)] = False
-    q, scale = _quantize(W64, G, keep, cfg, out_dtype)
+        keep = torch.ones(E.shape[1], dtype=torch.bool, device=E.device)
+        keep[outliers.to(E.device)] = False
+    q, scale = _quantize(E, G, keep, cfg, out_dtype)
     t1 = time.perf_counter()
-    E = W64 - dequantize_weight(q, scale, cfg.group_size)
+    for r0 in range(0, N, ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, N)
+        E[r0:r1].sub_(dequantize_weight(q[r0:r1], scale[r0:r1], cfg.group_size))
     side = cfg.outlier_mode == "side" and keep is not None
-    E_main = E
+    side_E: torch.Tensor | None = None
     if side:
         assert outliers is not None
-        E_main = E.clone()
-        E_main[:, outliers] = 0.0  # the side columns carry W̃[:, O] exactly
+        side_E = E[:, outliers]  # W̃'s columns less what the base holds there (a copy)
+        E[:, outliers] = 0.0  # the side columns carry W̃[:, O] exactly: the low rank fits the rest
     f = 0 if not side else int(outliers.numel())  # type: ignore[union-attr]
     rank = max(cfg.rank - f, 0) if (side and cfg.reserve_rank) else cfg.rank
-    lr = _lowrank(E_main, stats, rank, cfg)
-    del E_main  # (N, K): the low-rank fit was its only use
+    lr = _lowrank(E, G, stats, rank, cfg, refill_gram)
+    if side_E is not None:
+        E[:, outliers] = side_E  # E whole again
     t2 = time.perf_counter()
     L_A: torch.Tensor | None = None
     L_B: torch.Tensor | None = None
     if lr is not None and lr.L_A.shape[1] > 0:
         L_A, L_B = lr.L_A, lr.L_B
-    if side:
+    if side_E is not None:
         assert outliers is not None
-        sel = torch.zeros(f, W64.shape[1], dtype=torch.float64, device=W64.device)
-        sel[torch.arange(f, device=W64.device), outliers.to(W64.device)] = 1.0
-        side_A = E[:, outliers]  # W̃'s columns less what the base holds there
-        L_A = side_A if L_A is None else torch.cat([L_A, side_A], dim=1)
+        sel = torch.zeros(f, E.shape[1], dtype=torch.float64, device=E.device)
+        sel[torch.arange(f, device=E.device), outliers.to(E.device)] = 1.0
+        L_A = side_E if L_A is None else torch.cat([L_A, side_E], dim=1)
         L_B = sel if L_B is None else torch.cat([L_B, sel], dim=0)
     if L_A is not None:
         assert L_B is not None
         L_A, L_B = L_A.to(out_dtype), L_B.to(out_dtype)
     # Errors are measured with what is stored (scales and factors in out_dtype).
-    R = E if L_A is None else E - L_A.to(torch.float64) @ L_B.to(torch.float64)  # type: ignore[union-attr]
+    A64 = None if L_A is None else L_A.to(torch.float64)
+    B64 = None if L_B is None else L_B.to(torch.float64)
     t_m = time.perf_counter()
     if lr is not None and lr.factor is not None and lr.projected is not None:
         # Through the whitening factor: ‖D X‖² = ‖D S‖² − shift‖D‖². E S is the SVD's input
-        # (plus the side columns' rows of S); R S = E S − L_A (L_B S) costs (r + f) K² + N K (r + f);
-        # only W S is a new N K² product: one instead of three (a 70B down_proj: 13.5 TFLOP each).
-        # In place in E S (the low-rank fit is done with it): no new (N, K) buffer until W S.
+        # (plus the side columns' rows of S); R S = E S − L_A (L_B S) costs (r + f) K² + N K (r + f),
+        # in place in E S (the low-rank fit is done with it); ‖R‖² and the reference W S come by
+        # blocks of rows (only W S is a new N K² product: a 70B down_proj's is 13.5 TFLOP).
         S, shift = lr.factor, lr.shift
         ES = lr.projected
         lr.projected = None
-        if side:
+        if side_E is not None:
             assert outliers is not None
-            ES.add_(E[:, outliers] @ S[outliers, :])
+            ES.addmm_(side_E, S[outliers, :])
         before = whitened_error_sq(ES, E, shift)
-        if L_A is None:
+        if A64 is None:
             after = before
         else:
-            assert L_B is not None
-            RS = ES.sub_(L_A.to(torch.float64) @ (L_B.to(torch.float64) @ S))
-            after = whitened_error_sq(RS, R, shift)
+            assert B64 is not None
+            RS = ES.addmm_(A64, B64 @ S, alpha=-1.0)
+            r_sq = sum(sum_sq(torch.addmm(E[r0:r0 + ROW_BLOCK], A64[r0:r0 + ROW_BLOCK], B64, alpha=-1.0))
+                       for r0 in range(0, N, ROW_BLOCK))
+            after = max(sum_sq(RS) - shift * r_sq, 0.0)
         del ES
-        ref = whitened_error_sq(mm_lower(W64, S), W64, shift)
+        ref = whitened_error_rows(lambda r0, r1: W.detach()[r0:r1], N, S, shift)
     else:
-        ref = output_error_sq(W64, G)
+        R = E if A64 is None else E - A64 @ B64  # type: ignore[operator]
+        ref = output_error_sq(W.detach().to(torch.float64), G)
         before = output_error_sq(E, G)
         after = output_error_sq(R, G)
     metrics = {
