@@ -74,6 +74,22 @@ def can_fold(group: LinearGroup, config: Any) -> bool:
     return True
 
 
+# Rows per block of a fold's float64 arithmetic: a whole Llama-3-70B gate_proj in float64 and
+# its product were 3.5 GiB of temporaries beside the 0.44 GiB result (measured: the smoothing
+# task's private peak 5.6 GiB where its tensors are 3 GiB); a block of rows keeps them small.
+FOLD_ROW_BLOCK = 1024
+
+
+def _rows_in_float64(W: torch.Tensor, op: Any, with_offset: bool = False) -> torch.Tensor:
+    """A new tensor like W: op applied in float64 to each block of rows, cast back to W's dtype.
+    Elementwise, so the same bits as on the whole matrix at once."""
+    out = torch.empty_like(W)
+    for r0 in range(0, W.shape[0], FOLD_ROW_BLOCK):
+        w = W[r0 : r0 + FOLD_ROW_BLOCK].to(torch.float64, copy=True)
+        out[r0 : r0 + FOLD_ROW_BLOCK] = op(w, r0) if with_offset else op(w)
+    return out
+
+
 def fold_smoothing(
     tensors: dict[str, torch.Tensor], group: LinearGroup, m: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -85,13 +101,13 @@ def fold_smoothing(
     out = dict(tensors)
     m64 = m.to(torch.float64)
     for lin in group.linears:
-        W = tensors[f"{lin}.weight"]
-        out[f"{lin}.weight"] = (W.to(torch.float64) * m64[None, :]).to(W.dtype)
+        out[f"{lin}.weight"] = _rows_in_float64(tensors[f"{lin}.weight"], lambda w: w.mul_(m64[None, :]))
     pw = tensors[f"{group.producer}.weight"]
     if group.producer_kind == "norm":
         out[f"{group.producer}.weight"] = (pw.to(torch.float64) / m64).to(pw.dtype)
     else:
-        out[f"{group.producer}.weight"] = (pw.to(torch.float64) / m64[:, None]).to(pw.dtype)
+        out[f"{group.producer}.weight"] = _rows_in_float64(
+            pw, lambda w, r0: w.div_(m64[r0 : r0 + w.shape[0], None]), with_offset=True)
         bias_key = f"{group.producer}.bias"
         if bias_key in tensors:
             b = tensors[bias_key]

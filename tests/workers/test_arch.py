@@ -52,7 +52,16 @@ def test_only_o_under_gqa_cannot_fold(cfg: object, o_foldable: bool) -> None:
         assert can_fold(GROUPS[name], cfg)
 
 
-def test_fold_into_linear_rows_scales_rows_and_bias_and_nothing_else() -> None:
+@pytest.fixture(params=[1024, 2], ids=["whole", "row-blocks"])
+def fold_block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The folds compute in float64 a block of rows at a time: the same bits as whole."""
+    from aser.workers import arch
+
+    monkeypatch.setattr(arch, "FOLD_ROW_BLOCK", request.param)
+    return int(request.param)
+
+
+def test_fold_into_linear_rows_scales_rows_and_bias_and_nothing_else(fold_block: int) -> None:
     K = 6
     g = torch.Generator().manual_seed(0)
     t = {
@@ -83,7 +92,7 @@ def test_fold_into_linear_rows_scales_rows_and_bias_and_nothing_else() -> None:
     assert "self_attn.v_proj.bias" not in fold_smoothing(no_bias, GROUPS["o"], m)
 
 
-def test_fold_into_a_norm_divides_its_weight_and_scales_every_linear_of_the_group() -> None:
+def test_fold_into_a_norm_divides_its_weight_and_scales_every_linear_of_the_group(fold_block: int) -> None:
     K = 5
     g = torch.Generator().manual_seed(1)
     t = {f"{lin}.weight": torch.randn(3, K, generator=g).to(torch.bfloat16) for lin in GROUPS["qkv"].linears}
