@@ -1,12 +1,15 @@
 """The driver loop of ``aser quantize``: plan, manifest, workers, layer by layer, finalize.
 
 Per DESIGN.md: the driver holds metadata only (the plan, the manifest, object refs). Per layer
-it asks every calibration actor for its partial statistics, hands them (unfetched) to a
-smoothing task that reduces them in rank order, spreads one reconstruction task per linear over
-the cluster, and a writer task packs and writes the layer; the manifest records it once the
-writer is done. With ``propagate = "fp"`` the actors move on to layer i+1 at once, so forward
-passes, SVDs and writes of neighbouring layers overlap (at most ``MAX_INFLIGHT_LAYERS`` behind);
-with ``"quantized"`` the actors' next inputs wait for layer i's quantized linears.
+it asks every calibration actor for its partial statistics, hands their channel statistics
+(unfetched) to a smoothing task that reduces them in rank order, spreads one reconstruction task
+per linear over the cluster, each summing its group's Gram parts from the workers itself, and a
+writer task packs and writes the layer; the manifest records it once the writer is done. With
+``propagate = "fp"`` the actors move on to layer i+1 at once, so forward passes, SVDs and writes
+of neighbouring layers overlap (at most ``MAX_INFLIGHT_LAYERS`` behind), unless the memory model
+finds the forward and the layer's tasks cannot share the cluster's memory: then one layer at a
+time (``memory.fit``'s lockstep); with ``"quantized"`` the actors' next inputs wait for layer
+i's quantized linears.
 
 Resume: the manifest fingerprints source, config and calibration; finished layers are skipped;
 workers reload their hidden states at the first unfinished layer's boundary. A calibration actor
@@ -39,14 +42,15 @@ from aser.checkpoint import state as run_state
 from aser.pipeline import lease, manifest, verify
 from aser.pipeline.calib_tokens import calibration_tokens
 from aser.pipeline.config import RunConfig
-from aser.pipeline.memory import ModelShape, RunCost, estimate, tasks_blocked_by_actors
+from aser.pipeline.memory import Fit, ModelShape, RunCost, estimate, fit
 from aser.pipeline.resources import ResourceError, Resources, resolve_resources
 from aser.pipeline.plan import Plan, make_plan
 from aser.pipeline.plan_cmd import preview
 from aser.pipeline.save_policy import SavePolicy
 from aser.workers import layer_tasks
-from aser.workers.calibration import StepInfo, process_info
+from aser.workers.calibration import StepInfo, collect_outputs, process_info
 from aser.workers.ray_actors import calibration_actor, remote_functions
+from aser.workers.reconstruct import needs_gram
 
 # Layers whose reconstruction/write may still run while the actors move on (propagate = fp).
 # Bounds the object store and the driver's refs to a constant, whatever the depth.
@@ -92,6 +96,7 @@ class _Ctx:
     kill_worker: tuple[int, int] | None
     resources: Resources
     memory: dict[str, int]  # host bytes per process kind, asked of Ray (pipeline.memory)
+    lockstep: bool = False  # one layer at a time (memory.fit): no forward beside a layer's tasks
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Every calibration actor started (rank, attempt, pid, node) and every recovery: what the
     # manifest shows of where the shards ran and what the run survived.
@@ -298,12 +303,14 @@ def _run_layers(ctx: _Ctx, attempt: int) -> None:
 
 def submit_smooth(smooth: Any, n_out: int, config_dict: dict[str, Any], layer: int, method: Any,
                   loaded: Sequence[Any], collected: list[Any]) -> Any:
-    """The smoothing task of a layer: the statistics parts (``collect``'s first outputs) go in a
-    list, fetched one at a time; the ``collect`` infos (second outputs) go as top-level arguments
-    so that Ray starts the task only once every worker's statistics exist
-    (``ray_actors.smooth_streaming`` says what an earlier start cost)."""
+    """The smoothing task of a layer: the channel statistics (``collect``'s first outputs) and
+    the Grams (its outputs from the third on) go in lists, fetched one at a time when needed; the
+    ``collect`` infos (second outputs) go as top-level arguments so that Ray starts the task only
+    once every worker's statistics exist (``ray_actors.smooth_streaming`` says what an earlier
+    start cost)."""
     return smooth.options(num_returns=n_out).remote(
-        config_dict, layer, method, *loaded, [c[0] for c in collected], *[c[1] for c in collected])
+        config_dict, layer, method, *loaded, [c[0] for c in collected], [list(c[2:]) for c in collected],
+        *[c[1] for c in collected])
 
 
 def _layer_loop(ctx: _Ctx, actors: list[Any], start: int, unsettled: list[Any]) -> None:
@@ -324,6 +331,7 @@ def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_P
     n_out = layer_tasks.smooth_outputs(plan.config_dict)
     group_of = layer_tasks.linear_group_index(plan.config_dict)
     n_groups = n_out - 1 - len(group_of)
+    n_collect = collect_outputs(plan.config_dict)
     linear_names = list(plan.linear_names)
     use_gpu = ctx.resources.reconstruct_gpus > 0
     for i in range(start, L):
@@ -331,11 +339,14 @@ def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_P
         loaded = fns["load_layer"].options(num_returns=layer_tasks.LOAD_LAYER_OUTPUTS).remote(
             plan.source_url, plan.config_dict, i)
         tensors = loaded[0]
-        collected = [a.collect.options(num_returns=2).remote(i, tensors) for a in actors]
+        collected = [a.collect.options(num_returns=n_collect).remote(i, tensors) for a in actors]
         outs = submit_smooth(fns["smooth"], n_out, plan.config_dict, i, cfg.method, loaded, collected)
         meta, payloads, weights = outs[0], outs[1 : 1 + n_groups], outs[1 + n_groups :]
+        # Each reconstruction task sums its group's Gram parts itself: the Grams go from the
+        # workers to the tasks that use them, through nothing else.
         results = [
-            fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu, ctx.resources.reconstruct_cpus)
+            fns["reconstruct"].remote(w, payloads[g], cfg.method, use_gpu, ctx.resources.reconstruct_cpus,
+                                      [c[2 + g] for c in collected])
             for w, g in zip(weights, group_of, strict=True)
         ]
         writer = fns["write_layer"].remote(ctx.dest, i, L, fmt, gs, cfg.shard_size_bytes, meta, *results,
@@ -347,9 +358,11 @@ def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_P
             advanced = [a.propagate_quantized.remote(i, meta, linear_names, *results) for a in actors]
         del outs, meta, payloads, weights, results, tensors, loaded
         pending.append(_Pending(i, writer, [c[1] for c in collected], advanced))
-        # Record finished layers in order; wait only when too many are in flight.
+        # Record finished layers in order; wait only when too many are in flight (in lockstep:
+        # any, so that the next forward never runs beside this layer's tasks).
         while pending and (
-            len(pending) > MAX_INFLIGHT_LAYERS or not ray.wait([pending[0].writer], timeout=0)[1]
+            len(pending) > (0 if ctx.lockstep else MAX_INFLIGHT_LAYERS)
+            or not ray.wait([pending[0].writer], timeout=0)[1]
         ):
             _record_layer(ctx, pending[0])
             pending.pop(0)
@@ -367,30 +380,17 @@ def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:
         text_bytes = int(fs.size(path) or 0)
     return estimate(shape, config.calib.num_samples, config.calib.seq_len, res.num_workers, res.gpus_per_worker,
                     res.reconstruct_gpus, config.method.rank, config.method.num_outliers, MAX_INFLIGHT_LAYERS,
-                    text_bytes)
+                    text_bytes, needs_gram(config.method))
 
 
-def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> dict[str, int]:
-    """Host bytes to ask of Ray per process kind; refuses, before any work, a kind that needs
-    more than the largest node offers, or actors that leave no room for a task (Ray would leave
-    it pending forever)."""
+def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> Fit:
+    """Host bytes to ask of Ray per process kind, and whether the layers go in lockstep
+    (``memory.fit``); refuses, before any work, a run that cannot fit. A cluster that reports no
+    memory (none configured) gets no reservations."""
     alive = [float(n.get("Resources", {}).get("memory", 0.0)) for n in nodes if n.get("Alive")]
-    offered = max(alive, default=0.0)
-    memory = {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
-    if offered > 0:
-        for kind, need in memory.items():
-            if need > offered:
-                terms = max(cost.by_kind()[kind].terms.items(), key=lambda kv: kv[1])
-                raise ResourceError(
-                    f"a {kind} process needs {need / 2**30:.1f} GiB of host memory (largest term: {terms[0]} "
-                    f"{terms[1] / 2**30:.1f} GiB); the largest Ray node offers {offered / 2**30:.1f} GiB. "
-                    "Run `aser plan` to see the costs; more workers shard the calibration set"
-                )
-        blocked = tasks_blocked_by_actors(cost, sum(alive))
-        if blocked:
-            raise ResourceError(f"the run would wait forever: {blocked}. Lower --workers, or give Ray more "
-                                "memory (more nodes); `aser plan` shows each process's cost")
-    return memory
+    if max(alive, default=0.0) <= 0:
+        return Fit({p.kind: p.private_host_bytes for p in cost.processes if p.kind != "driver"}, False)
+    return fit(cost, sum(alive), max(alive))
 
 
 # A local Ray start that has not returned after this many seconds is stuck: seen in
@@ -579,7 +579,10 @@ def _run_held(
         if existing is not None:
             manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
         cost = plan_cost(plan, config, resources)
-        memory = fit_memory(cost, ray.nodes())
+        fitted = fit_memory(cost, ray.nodes())
+        if fitted.lockstep:
+            print(f"[aser] memory: {fitted.note}", file=sys.stderr)
+        memory = fitted.memory
         mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
         mf.summary["calibration"] = calib_desc
         try:
@@ -600,9 +603,11 @@ def _run_held(
     bar = tqdm(total=plan.num_layers, initial=done0, desc="aser quantize", unit="layer",
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
     ctx = _Ctx(config, plan, tokens, mf, remote_functions(resources.reconstruct_gpus, memory, resources.reconstruct_cpus),
-               lambda _i: bar.update(1), kill_after, kill_worker, resources, memory)
+               lambda _i: bar.update(1), kill_after, kill_worker, resources, memory, fitted.lockstep)
     mf.summary["plan"] = {p.kind: {"count": p.count, "peak_host_bytes": p.peak_host_bytes,
-                                   "peak_gpu_bytes": p.peak_gpu_bytes} for p in cost.processes}
+                                   "private_host_bytes": p.private_host_bytes, "peak_gpu_bytes": p.peak_gpu_bytes,
+                                   "phase": p.phase} for p in cost.processes}
+    mf.summary["lockstep"] = fitted.lockstep
     ctx.overhead_s["ray_init"] = ray_init_s
     ctx.starts = list(mf.summary.get("starts", []))
     ctx.saves = SavePolicy(every=1 if config.propagate == "quantized" else config.save_state_every)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from aser.checkpoint.layers import meta_layer
-from aser.workers.arch import groups_for
+from aser.workers.arch import FOLD_ROW_BLOCK, groups_for
 from aser.workers.calibration import FORWARD_BATCH_SIZE, hf_config
 from aser.workers.stats import GRAM_BLOCK, gram_multiply_adds
 
@@ -29,9 +29,14 @@ BASE_PROCESS_BYTES = 500 * 2**20
 # A CUDA context and torch's CUDA libraries mapped into host memory.
 CUDA_CONTEXT_HOST_BYTES = 1 * 2**30
 CUDA_CONTEXT_GPU_BYTES = 600 * 2**20
-# Float64 (N, K) buffers alive at once in reconstruct_linear: W64, E, E with the side columns
-# zeroed (until the low-rank fit), E S (the SVD's input, then R S in place), R, and W S.
-RECONSTRUCT_NK_BUFFERS = 5
+# Float64 (N, K) buffers alive at once in reconstruct_linear (RTN + whitened low rank): E (W
+# turned into its quantization error in place) and E S (the SVD's input, then R S in place);
+# the Gram is factored in place (``reconstruct_task`` hands its buffer over).
+RECONSTRUCT_NK_BUFFERS = 2
+# Terms that are pages of Ray's object store a process maps (part of its RSS, paid for by the
+# object store, not by the memory Ray is asked to reserve for the process).
+SHARED_TERMS = frozenset({"layer_shared", "stats_serialized", "layer_read", "weights_out", "gram_part",
+                          "weight_shared", "layer_stored"})
 # The driver's tokenizer (a fast BPE tokenizer: +50 MB for SmolLM2's 49,152 entries, measured)
 # and the transient cost of tokenizing the calibration text (+91 MB for WikiText-2's 1.3 MB test
 # split, measured: Python and Rust objects per token).
@@ -114,11 +119,30 @@ class ModelShape:
 
 @dataclass
 class ProcessCost:
+    """peak_host_bytes: the process's peak RSS (``ru_maxrss``), object-store pages it maps
+    included; private_host_bytes: the peak of what is its own (RssAnon), what Ray is asked to
+    reserve for it; idle_host_bytes: what an actor holds between its calls."""
+
     kind: str
     count: int  # at once (actors: per run; tasks: at most in flight)
     peak_host_bytes: int
     peak_gpu_bytes: int
-    terms: dict[str, int] = field(default_factory=dict)  # what the peak is made of
+    terms: dict[str, int] = field(default_factory=dict)  # what the peak is made of (its phase's)
+    private_host_bytes: int = 0
+    idle_host_bytes: int = 0
+    phase: str = ""  # which phase of the process the peak is in
+
+
+def _phased(kind: str, count: int, phases: dict[str, dict[str, int]], gpu_terms: dict[str, int] | None = None,
+            idle: int = 0) -> ProcessCost:
+    """A process whose buffers live in phases (a calibration actor's forward, then the return of
+    its statistics): the peak is the largest phase's sum, not the sum of every buffer. Its terms:
+    the host's peak phase and, on a GPU, the device's (``gpu_terms``, at once)."""
+    phase, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    private = max(sum(v for k, v in t.items() if k not in SHARED_TERMS) for t in phases.values())
+    gpu = dict(gpu_terms or {})
+    return ProcessCost(kind, count, sum(terms.values()), sum(gpu.values()), {**terms, **gpu}, private,
+                       idle or private, phase)
 
 
 @dataclass
@@ -139,8 +163,10 @@ class RunCost:
 def estimate(
     shape: ModelShape, num_samples: int, seq_len: int, num_workers: int, gpus_per_worker: float,
     reconstruct_gpus: float, rank: int, num_outliers: int, inflight_layers: int = 2, calib_text_bytes: int = 0,
+    search: bool = False,
 ) -> RunCost:
-    """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc)."""
+    """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc).
+    search: the smoothing searches a grid (``reconstruct.needs_gram``: it then reads the Grams)."""
     H, I, T = shape.hidden, shape.intermediate, seq_len
     on_gpu = gpus_per_worker > 0
     # workers.calibration.compute_dtype: 16-bit checkpoints run in float32 on a CPU.
@@ -155,44 +181,60 @@ def estimate(
     # attention scores (B, heads, T, T) in fp32, and a statistics hook's fp32 copy of its input.
     forward = batch * T * (3 * I * act + 4 * k_max) + 4 * batch * shape.num_heads * T * T
     hidden = 2 * shard * T * H * act  # the shard's inputs and the layer's outputs
-    # The embedding is read on the host (raw bytes, then the tensor) to embed the shard; the layer
-    # arrives from the object store and is built in the compute dtype on the worker's device;
-    # the statistics accumulate there and are moved to the host and serialized into the object
-    # store when collect returns them.
-    host_terms = {"embedding": 2 * shape.embedding_bytes, "layer_shared": shape.layer_bytes,
-                  "stats_serialized": stats64}
-    device_terms = {"hidden_states": hidden, "layer_built": layer_compute, "stats_fp64": stats64,
-                    "stats_fp32_batch": stats32, "forward_batch": forward}
+    base = {"base": BASE_PROCESS_BYTES}
+    # A calibration actor in three phases: embedding its shard (the embedding read on the host:
+    # raw bytes, then the tensor); collect's forward (the layer from the object store: its
+    # stored bytes mapped and, torch tensors being pickled in-band, the tensors' own copy; built
+    # in the compute dtype on the worker's device, the statistics accumulating there); collect's
+    # return (the layer built is gone; the statistics are moved to the host and written into
+    # the object store, the Grams as arrays: ``stats.split_parts``).
+    received = {"layer_shared": shape.layer_bytes, "layer_received": shape.layer_bytes}
+    start = {"embedding": 2 * shape.embedding_bytes}
+    fwd_dev = {"layer_built": layer_compute, "stats_fp64": stats64, "stats_fp32_batch": stats32,
+               "forward_batch": forward, "hidden_states": hidden}
     if on_gpu:
-        host_terms["stats_on_host"] = stats64
-        calib = ProcessCost("calibration", num_workers,
-                            BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + sum(host_terms.values()),
-                            CUDA_CONTEXT_GPU_BYTES + sum(device_terms.values()), {**host_terms, **device_terms})
+        ctx = {**base, "cuda_context": CUDA_CONTEXT_HOST_BYTES}
+        calib = _phased("calibration", num_workers, {
+            "start": {**ctx, **start}, "forward": {**ctx, **received},
+            "return": {**ctx, **received, "stats_on_host": stats64, "stats_serialized": stats64}},
+            {"cuda_context_gpu": CUDA_CONTEXT_GPU_BYTES, **fwd_dev}, BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES)
     else:
-        calib = ProcessCost("calibration", num_workers,
-                            BASE_PROCESS_BYTES + sum(host_terms.values()) + sum(device_terms.values()), 0,
-                            {**host_terms, **device_terms})
+        calib = _phased("calibration", num_workers, {
+            "start": {**base, **start, "hidden_states": hidden},
+            "forward": {**base, **received, **fwd_dev},
+            "return": {**base, **received, "stats_fp64": stats64, "stats_serialized": stats64,
+                       "hidden_states": hidden}},
+            idle=BASE_PROCESS_BYTES + hidden)
 
-    # Smoothing: one worker's partial statistics at a time (ray_actors.smooth_streaming), the
-    # running sum and the next sum while it is formed, the statistics of the smoothed input, the
-    # layer (shared) and its folded copy.
-    parts = num_workers * stats64  # what the object store holds per layer
-    smooth_terms = {"stats_part": stats64, "stats_sum": 2 * stats64 if num_workers > 1 else 0,
-                    "stats_smoothed": stats64, "layer_read": shape.layer_bytes, "layer_folded": shape.layer_bytes}
-    smooth = ProcessCost("smooth", inflight_layers, BASE_PROCESS_BYTES + sum(smooth_terms.values()), 0, smooth_terms)
+    # Smoothing reads the channel statistics only (a few K floats per group): the layer (its
+    # stored bytes mapped, and its tensors), its folded copy (computed a block of rows at a
+    # time: ``arch.FOLD_ROW_BLOCK``), and the folded weights it returns (written into the object
+    # store one by one, each pickled in-band first). With a search grid it also sums every
+    # group's Gram parts (``reconstruct.needs_gram``).
+    largest_weight = max(lin.out_features * lin.in_features for lin in shape.linears) * shape.dtype_bytes
+    fold_block = 2 * 8 * FOLD_ROW_BLOCK * max(max(lin.in_features, lin.out_features) for lin in shape.linears)
+    smooth_terms = {**base, "layer_read": shape.layer_bytes, "layer_received": shape.layer_bytes,
+                    "layer_folded": shape.layer_bytes, "fold_rows_float64": fold_block,
+                    "weights_out": shape.layer_bytes, "weight_pickled": largest_weight}
+    if search:
+        smooth_terms |= {"grams": 8 * shape.gram_elements, "gram_part": 8 * max(k * k for _, k in shape.groups)}
+    smooth = _phased("smooth", inflight_layers, {"smooth": smooth_terms})
 
     big = max(shape.linears, key=lambda lin: (lin.in_features ** 2 + RECONSTRUCT_NK_BUFFERS * lin.out_features
                                                * lin.in_features))
     N, K = big.out_features, big.in_features
-    rec_terms = {"gram": 8 * K * K, "cholesky_factor": 8 * K * K, "weight": shape.dtype_bytes * N * K,
-                 "nk_float64": RECONSTRUCT_NK_BUFFERS * 8 * N * K}
+    # A reconstruction task: the weight (pickled in-band: its own copy besides the stored bytes),
+    # the one Gram buffer its group's parts are summed into (each part mapped from the object
+    # store while it is added) and the (N, K) float64 buffers.
+    rec_dev = {"gram": 8 * K * K, "nk_float64": RECONSTRUCT_NK_BUFFERS * 8 * N * K}
+    rec_host = {**base, "weight": shape.dtype_bytes * N * K, "weight_shared": shape.dtype_bytes * N * K,
+                "gram_part": 8 * K * K}
     rec_tasks = len(shape.linears) * inflight_layers
     if reconstruct_gpus > 0:
-        rec = ProcessCost("reconstruct", rec_tasks,
-                          BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES + 8 * K * K + shape.dtype_bytes * N * K,
-                          CUDA_CONTEXT_GPU_BYTES + sum(rec_terms.values()), rec_terms)
+        rec = _phased("reconstruct", rec_tasks, {"reconstruct": {**rec_host, "cuda_context": CUDA_CONTEXT_HOST_BYTES}},
+                      {"cuda_context_gpu": CUDA_CONTEXT_GPU_BYTES, **rec_dev, "weight_on_gpu": shape.dtype_bytes * N * K})
     else:
-        rec = ProcessCost("reconstruct", rec_tasks, BASE_PROCESS_BYTES + sum(rec_terms.values()), 0, rec_terms)
+        rec = _phased("reconstruct", rec_tasks, {"reconstruct": {**rec_host, **rec_dev}})
 
     r_total = rank + num_outliers
     adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * shape.dtype_bytes
@@ -201,16 +243,25 @@ def estimate(
     # serialized shard.
     write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer,
                    "stage_copy": 3 * shape.embedding_bytes}
-    writer = ProcessCost("writer", inflight_layers, BASE_PROCESS_BYTES + sum(write_terms.values()), 0, write_terms)
+    # The layer's read (``load_layer_task``, which asks for a writer's memory): the bytes read
+    # (one range per shard), the tensors decoded from them and the float32 copy the finiteness
+    # check makes of the largest; then the tensors pickled (in-band) into the object store.
+    largest_tensor = max(lin.out_features * lin.in_features for lin in shape.linears)
+    read_terms = {"layer_raw": shape.layer_bytes, "layer_tensors": shape.layer_bytes,
+                  "finite_check": 5 * largest_tensor}
+    return_terms = {"layer_tensors": shape.layer_bytes, "layer_pickled": shape.layer_bytes,
+                    "layer_stored": shape.layer_bytes}
+    writer = _phased("writer", inflight_layers, {"write": {**base, **write_terms}, "read_layer": {**base, **read_terms},
+                                                 "return_layer": {**base, **return_terms}})
     # Finalize streams the merged adapter layer by layer (``export._write_adapter``): one stage's
     # part, read whole (the bytes read and the tensors), and the padded copy of its largest tensor.
     largest_adapter_tensor = max(max(lin.out_features, lin.in_features) for lin in shape.linears) * r_total
     fin_terms = {"adapter_part": 2 * adapter_layer, "padded_tensor": largest_adapter_tensor * shape.dtype_bytes}
-    finalize = ProcessCost("finalize", 1, BASE_PROCESS_BYTES + sum(fin_terms.values()), 0, fin_terms)
+    finalize = _phased("finalize", 1, {"finalize": {**base, **fin_terms}})
     driver_terms = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
                     "calibration_text": TOKENIZE_BYTES_PER_TEXT_BYTE * calib_text_bytes,
                     "tokens": 8 * num_samples * seq_len}
-    driver = ProcessCost("driver", 1, BASE_PROCESS_BYTES + sum(driver_terms.values()), 0, driver_terms)
+    driver = _phased("driver", 1, {"run": {**base, **driver_terms}})
 
     L = shape.num_layers
     tokens = num_samples * seq_len
@@ -219,9 +270,9 @@ def estimate(
     # embedding and head stages.
     bytes_read = L * shape.layer_bytes + shape.embedding_bytes * num_workers + shape.embed_bytes
     bytes_written = L * (codes + adapter_layer) + shape.embed_bytes
-    # Per layer in the object store: the layer as read, the statistics parts and the smoothed
-    # statistics, the folded layer, the results.
-    store = shape.layer_bytes + parts + stats64 + shape.layer_bytes + codes + adapter_layer
+    # Per layer in the object store: the layer as read, every worker's statistics, the folded
+    # weights, the results.
+    store = shape.layer_bytes + num_workers * stats64 + shape.layer_bytes + codes + adapter_layer
     flops = {
         "calibration_forward": float(L * tokens * (2 * shape.layer_params + 2 * T * H)),
         "statistics": float(L * tokens * 2 * sum(gram_multiply_adds(k) for _, k in shape.groups)),
@@ -237,21 +288,57 @@ def estimate(
 TASK_KINDS = ("smooth", "reconstruct", "writer", "finalize")
 
 
-def tasks_blocked_by_actors(cost: RunCost, offered_bytes: float) -> str | None:
-    """Why no per-layer task could ever start beside the calibration actors on a cluster whose
-    nodes offer ``offered_bytes`` of memory in all, or None. Ray holds an actor's ``memory`` for
-    its whole life, and every layer needs its tasks (read, smooth, reconstruct, write): when what
-    the actors hold plus the largest task exceeds the cluster's memory, that task is never
-    scheduled and the run waits forever without an error (seen: stories260K, 2 workers, a
-    1.3 GiB Ray instance). On one node this is exact; on several, necessary only (Ray may still
-    fragment what is left)."""
+@dataclass(frozen=True)
+class Fit:
+    """How a run fits the cluster's memory: what Ray is asked to reserve per process kind, and
+    whether the layers go in lockstep (the actors' ``collect`` of layer i + 1 waits until layer
+    i's tasks are done, and an actor reserves only what it holds between calls)."""
+
+    memory: dict[str, int]
+    lockstep: bool
+    note: str = ""
+
+
+def fit(cost: RunCost, offered_total: float, offered_largest: float) -> Fit:
+    """The concurrency a cluster whose nodes offer ``offered_total`` bytes of Ray memory in all
+    (``offered_largest`` on its largest node) can hold, or ``ResourceError`` saying which process
+    needs how much where there is how much.
+
+    Ray holds an actor's ``memory`` for its whole life, and every layer needs its tasks (read,
+    smooth, reconstruct, write): when what the actors hold plus the largest task exceeds the
+    cluster's memory, that task is never scheduled and the run waits forever without an error
+    (seen: stories260K, 2 workers, a 1.3 GiB Ray instance). The actors' peak is their forward,
+    which their tasks never overlap in lockstep: then they reserve their idle footprint, and the
+    run needs the larger of the two phases instead of their sum (a Llama-3-70B layer on this
+    24 GB machine: 12.6 GiB for the forward, 10.9 GiB for the down_proj reconstruction). On one
+    node this is exact; on several, necessary only (Ray may still fragment what is left)."""
+    from aser.pipeline.resources import ResourceError
+
     kinds = cost.by_kind()
+    memory = {p.kind: p.private_host_bytes for p in cost.processes if p.kind != "driver"}
+    for kind, need in memory.items():
+        if need > offered_largest:
+            term, size = max(kinds[kind].terms.items(), key=lambda kv: kv[1])
+            raise ResourceError(
+                f"a {kind} process needs {need / 2**30:.1f} GiB of host memory (largest term: {term} "
+                f"{size / 2**30:.1f} GiB); the largest Ray node offers {offered_largest / 2**30:.1f} GiB. "
+                "Run `aser plan` to see the costs; more workers shard the calibration set")
     actors = kinds["calibration"]
-    held = actors.count * actors.peak_host_bytes
-    task = max((kinds[k] for k in TASK_KINDS), key=lambda p: p.peak_host_bytes)
-    if held + task.peak_host_bytes <= offered_bytes:
-        return None
-    return (f"{actors.count} calibration worker(s) hold {actors.count} x {actors.peak_host_bytes / 2**30:.1f} GiB "
-            f"of host memory for the whole run and a {task.kind} task needs {task.peak_host_bytes / 2**30:.1f} GiB "
-            f"beside them: {(held + task.peak_host_bytes) / 2**30:.1f} GiB, where the cluster offers "
-            f"{offered_bytes / 2**30:.1f} GiB in all")
+    task = max((kinds[k] for k in TASK_KINDS), key=lambda p: p.private_host_bytes)
+    held = actors.count * actors.private_host_bytes
+    if held + task.private_host_bytes <= offered_total:
+        return Fit(memory, False)
+    idle = actors.count * actors.idle_host_bytes
+    if held <= offered_total and idle + task.private_host_bytes <= offered_total:
+        return Fit({**memory, "calibration": actors.idle_host_bytes}, True,
+                   f"{actors.count} calibration worker(s) at {actors.private_host_bytes / 2**30:.1f} GiB and a "
+                   f"{task.kind} task at {task.private_host_bytes / 2**30:.1f} GiB do not fit "
+                   f"{offered_total / 2**30:.1f} GiB together: one layer at a time, the forward never beside "
+                   "the layer's tasks")
+    raise ResourceError(
+        f"the run would wait forever: {actors.count} calibration worker(s) hold {actors.count} x "
+        f"{actors.private_host_bytes / 2**30:.1f} GiB of host memory in their forward "
+        f"({actors.idle_host_bytes / 2**30:.1f} GiB between layers) and a {task.kind} task needs "
+        f"{task.private_host_bytes / 2**30:.1f} GiB beside them, where the cluster offers "
+        f"{offered_total / 2**30:.1f} GiB in all. Lower --workers, or give Ray more memory (more nodes); "
+        "`aser plan` shows each process's cost")

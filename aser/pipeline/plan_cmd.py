@@ -20,8 +20,8 @@ from typing import Any
 from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint import storage
 from aser.pipeline.config import WorkersConfig
-from aser.pipeline.memory import ModelShape, RunCost, estimate, tasks_blocked_by_actors
-from aser.pipeline.resources import resolve_resources
+from aser.pipeline.memory import ModelShape, RunCost, estimate, fit
+from aser.pipeline.resources import ResourceError, resolve_resources
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,30 @@ def _matmul_rate(dtype: Any, n: int, reps: int = 3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default object store: 30 % of the memory available at start
+
+
+def _available_memory() -> int:
+    """The kernel's estimate of memory available to a new process (MemAvailable: free memory
+    plus the page cache it can reclaim), as Ray reads it; total memory where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def cpu_profile() -> DeviceProfile:
     """This machine, its matmul rates measured now (about a second)."""
     import torch
 
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # What a local Ray started now offers its tasks and actors: the memory available, less the
+    # object store's default 30 % of it (here: 16.3 GiB of memory beside a 7.0 GiB store, of
+    # 23.6 GiB available).
+    mem = int(_available_memory() * (1 - RAY_OBJECT_STORE_SHARE))
     return DeviceProfile(
         "cpu", gpus_per_node=0, gpu_memory_bytes=0, host_memory_bytes=mem, cpus_per_node=os.cpu_count() or 1,
         bf16_flops=_matmul_rate(torch.bfloat16, 256), fp32_flops=_matmul_rate(torch.float32, 1536),
@@ -113,7 +132,8 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
                   "dtype_bytes": shape.dtype_bytes, "layer_bytes": shape.layer_bytes},
         "resources": {**res.to_dict(), "nodes": nodes, "profile": profile.name},
         "processes": [{"kind": p.kind, "count": p.count, "peak_host_bytes": p.peak_host_bytes,
-                       "peak_gpu_bytes": p.peak_gpu_bytes, "terms": p.terms} for p in cost.processes],
+                       "private_host_bytes": p.private_host_bytes, "peak_gpu_bytes": p.peak_gpu_bytes,
+                       "phase": p.phase, "terms": p.terms} for p in cost.processes],
         "bytes_read": cost.bytes_read,
         "bytes_written": cost.bytes_written,
         "object_store_bytes_per_layer": cost.object_store_bytes_per_layer,
@@ -121,6 +141,7 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
         "seconds_estimate": _seconds(cost, shape.dtype_bytes, res.num_workers, res.gpus_per_worker,
                                      res.reconstruct_gpus, profile, nodes),
         "fits": _fits(cost, res.gpus_per_worker, res.reconstruct_gpus, profile, nodes),
+        "concurrency": _concurrency(cost, profile, nodes),
         "assumptions": {"efficiency": EFFICIENCY, "profile": profile.__dict__,
                         "overlap": "none assumed: the stages' times are added (an upper bound; the pipeline "
                                    "overlaps reading, forward, reconstruction and writing)"},
@@ -130,7 +151,9 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
 def _seconds(cost: RunCost, dtype_bytes: int, workers: int, gpw: float, recon_gpus: float, p: DeviceProfile,
              nodes: int) -> dict[str, float]:
     f = cost.flops
-    forward_rate = p.bf16_flops if dtype_bytes == 2 else p.fp32_flops  # the layer runs in its stored dtype
+    # On a GPU the layer runs in its stored dtype; on a CPU 16-bit layers run in float32
+    # (``calibration.compute_dtype``).
+    forward_rate = p.bf16_flops if dtype_bytes == 2 and gpw > 0 else p.fp32_flops
     work = f["calibration_forward"] / forward_rate + f["statistics"] / p.fp32_flops
     if gpw > 0:  # each worker on its own GPU
         calib = work / (workers * EFFICIENCY)
@@ -145,18 +168,23 @@ def _seconds(cost: RunCost, dtype_bytes: int, workers: int, gpw: float, recon_gp
     return {"calibration": calib, "reconstruct": recon, "read": read, "total": calib + recon + read}
 
 
+def _concurrency(cost: RunCost, p: DeviceProfile, nodes: int) -> dict[str, Any]:
+    """What the driver will choose (``memory.fit``): layers overlapped, or one at a time."""
+    try:
+        f = fit(cost, p.host_memory_bytes * nodes, p.host_memory_bytes)
+    except ResourceError:
+        return {"lockstep": None, "note": "does not fit (see fits)"}
+    return {"lockstep": f.lockstep, "note": f.note or "layers overlap: the next forward runs beside a layer's tasks"}
+
+
 def _fits(cost: RunCost, gpw: float, recon_gpus: float, p: DeviceProfile, nodes: int) -> list[str]:
     """What does not fit a node of the profile, each as one line naming the process kind."""
     kinds = cost.by_kind()
     problems = []
-    for kind in ("calibration", "smooth", "reconstruct", "writer", "finalize"):
-        need = kinds[kind].peak_host_bytes
-        if need > p.host_memory_bytes:
-            problems.append(f"{kind}: needs {need / 2**30:.1f} GiB of host memory, a node has "
-                            f"{p.host_memory_bytes / 2**30:.1f} GiB")
-    blocked = tasks_blocked_by_actors(cost, p.host_memory_bytes * nodes)
-    if blocked:
-        problems.append(f"host: {blocked}")
+    try:
+        fit(cost, p.host_memory_bytes * nodes, p.host_memory_bytes)  # what the driver will check
+    except ResourceError as e:
+        problems.append(f"host: {e}")
     if gpw > 0:
         per_gpu = kinds["calibration"].peak_gpu_bytes
         if recon_gpus > 0:
@@ -174,9 +202,10 @@ def _human(report: dict[str, Any]) -> str:
              f"{m['layer_bytes'] / gib:.2f} GiB per layer",
              f"resources ({r['profile']} x {r['nodes']} node(s)): {r['num_workers']} calibration worker(s), "
              f"{r['gpus_per_worker']:g} GPU each; reconstruction tasks {r['reconstruct_gpus']:g} GPU each",
-             f"{'process':<12} {'count':>5} {'peak host GiB':>14} {'peak GPU GiB':>13}"]
+             f"{'process':<12} {'count':>5} {'peak RSS GiB':>13} {'own GiB':>8} {'peak GPU GiB':>13}  peak phase"]
     for p in report["processes"]:
-        lines.append(f"{p['kind']:<12} {p['count']:>5} {p['peak_host_bytes'] / gib:>14.2f} {p['peak_gpu_bytes'] / gib:>13.2f}")
+        lines.append(f"{p['kind']:<12} {p['count']:>5} {p['peak_host_bytes'] / gib:>13.2f} "
+                     f"{p['private_host_bytes'] / gib:>8.2f} {p['peak_gpu_bytes'] / gib:>13.2f}  {p['phase']}")
     s = report["seconds_estimate"]
     lines += [f"read {report['bytes_read'] / 1e9:.1f} GB, write {report['bytes_written'] / 1e9:.1f} GB, "
               f"object store {report['object_store_bytes_per_layer'] / 1e9:.2f} GB per layer",
@@ -184,6 +213,7 @@ def _human(report: dict[str, Any]) -> str:
               f"time estimate: {s['total'] / 60:.1f} min (calibration {s['calibration']:.0f} s, reconstruction "
               f"{s['reconstruct']:.0f} s, reading {s['read']:.0f} s; efficiency {EFFICIENCY}, no overlap assumed; "
               f"rates: {report['assumptions']['profile']['source']})"]
+    lines.append(f"concurrency: {report['concurrency']['note']}")
     if report["fits"]:
         lines += ["DOES NOT FIT:"] + [f"  {p}" for p in report["fits"]]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from aser.workers.arch import groups_for
 from aser.workers.device import device_info, worker_device
 from aser.workers.qlinear import install_quantized
 from aser.workers.reconstruct import LinearResult, MethodConfig, SmoothedLayer
-from aser.workers.stats import GroupStats, attach_stat_hooks
+from aser.workers.stats import attach_stat_hooks, split_parts
 
 # Calibration sequences forwarded at once. The same as ``simulate.apply_method``'s default, so a
 # one-worker run groups the fp32 per-batch Gram sums exactly as the in-process reference does.
@@ -47,6 +47,12 @@ def hf_config(config_dict: Mapping[str, Any]) -> PretrainedConfig:
     if model_type is None:
         raise ValueError("config.json has no model_type")
     return layer_io.layer_config(AutoConfig.for_model(model_type, **d))
+
+
+def collect_outputs(config_dict: Mapping[str, Any]) -> int:
+    """Number of objects ``CalibrationWorker.collect`` returns: channel statistics, step info,
+    one Gram per group."""
+    return 2 + len(groups_for(hf_config(config_dict)))
 
 
 def expected_layer_tensors(config: PretrainedConfig, layer_idx: int) -> list[str]:
@@ -210,13 +216,15 @@ class CalibrationWorker:
     @torch.no_grad()
     def collect(
         self, layer_idx: int, tensors: Mapping[str, torch.Tensor] | None = None
-    ) -> tuple[dict[str, GroupStats], StepInfo]:
+    ) -> tuple[Any, ...]:
         """Forward the shard through FP layer ``layer_idx`` with statistics hooks.
 
         tensors: the layer's tensors by relative name (``layer_tasks.load_layer_task``'s output,
         read once for all workers), or None to read them here. Returns this shard's partial
-        per-group statistics (fp64) and what the call did; keeps the FP outputs for ``advance``.
-        """
+        statistics as ``stats.split_parts`` lays them out, the channel statistics per group
+        first, then what the call did, then one fp64 Gram per group in ``groups_for`` order
+        (``collect_outputs`` objects in all, for Ray's ``num_returns``); keeps the FP outputs for
+        ``advance``."""
         hidden = self._check_at(layer_idx)
         t0 = time.perf_counter()
         layer, nbytes, _ = self._load(layer_idx, tensors)
@@ -228,9 +236,11 @@ class CalibrationWorker:
             for h in handles:
                 h.remove()
         del layer
-        stats = {name: acc.take().to("cpu") for name, acc in accs.items()}
+        names = [g.name for g in groups_for(self.config)]
+        channels, *grams = split_parts({name: acc.take().to("cpu") for name, acc in accs.items()}, names)
+        del accs
         t2 = time.perf_counter()
-        return stats, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, self._process())
+        return channels, StepInfo({"load": t1 - t0, "forward": t2 - t1}, nbytes, 0, self._process()), *grams
 
     def _save(self) -> tuple[float, int]:
         assert self.hidden is not None

@@ -1,10 +1,12 @@
 """The stateless per-layer work of a run, as pure functions (``ray_actors`` makes them tasks).
 
-- ``smooth_task``: reduce the workers' partial statistics (in rank order, fp64), read the
-  layer's tensors, ASER step 1 (smoothing + folds); returns the layer's folded FP tensors and,
+- ``smooth_task``: reduce the workers' partial channel statistics (in rank order, fp64), ASER
+  step 1 (smoothing + folds) on the layer's tensors; returns the layer's folded FP tensors and,
   as separate objects so each reconstruction task fetches only its own, one payload per group
-  (statistics of the smoothed input, outlier channels) and one weight per linear;
-- ``reconstruct_task``: steps 2–3 for one linear;
+  (channel statistics of the smoothed input, the smoothing scale, outlier channels) and one
+  weight per linear. The Grams do not pass through it (unless a search needs them);
+- ``reconstruct_task``: sums its group's Gram parts (in rank order, fp64) into one buffer,
+  scales it to the smoothed input, and runs steps 2–3 for one linear;
 - ``write_layer_task``: pack a layer to the output format and write its shard and adapter part;
 - ``copy_stage_task``: the embedding and head stages, copied from the source;
 - ``finalize_task``: ``export.finalize`` (config, adapter, copied files, the index last).
@@ -16,7 +18,7 @@ so a retried task is harmless.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +32,8 @@ from aser.checkpoint.state import FileRecord
 from aser.workers.arch import groups_for
 from aser.workers.calibration import hf_config, process_info, read_layer
 from aser.workers.device import worker_device
-from aser.workers.reconstruct import LinearResult, MethodConfig, reconstruct_linear, smooth_layer
-from aser.workers.stats import GroupStats, reduce_parts
+from aser.workers.reconstruct import LinearResult, MethodConfig, needs_gram, reconstruct_linear, smooth_layer
+from aser.workers.stats import ChannelStats, GroupStats, reduce_grams_into, reduce_parts
 
 # Intra-op threads of a reconstruction task: fixed, so the SVD's bytes do not depend on which
 # machine (how many cores) ran it.
@@ -50,13 +52,16 @@ class LayerMeta:
     seconds: dict[str, float]
     process: dict[str, Any]
     source_sha256: str  # content hash of the layer's source bytes (``safetensors_io.content_sha256``)
+    read_process: dict[str, Any] | None = None  # the process that read the layer (``load_layer_task``)
 
 
 @dataclass
 class GroupPayload:
-    """What a group's reconstruction tasks share: statistics of the smoothed input, outliers."""
+    """What a group's reconstruction tasks share besides the Gram parts: the channel statistics
+    of the smoothed input, the smoothing scale m (None: unsmoothed) and the outlier channels."""
 
-    stats: GroupStats
+    channels: ChannelStats
+    scale: torch.Tensor | None
     outliers: torch.Tensor | None
 
 
@@ -80,21 +85,21 @@ def smooth_outputs(config_dict: Mapping[str, Any]) -> int:
     return 1 + len(groups) + sum(len(g.linears) for g in groups)
 
 
-LOAD_LAYER_OUTPUTS = 4
+LOAD_LAYER_OUTPUTS = 5
 
 
 def load_layer_task(source_url: str, config_dict: Mapping[str, Any], layer_idx: int) -> tuple[Any, ...]:
     """Read decoder layer ``layer_idx`` from storage once for the whole run: returns (tensors
-    by relative name, bytes read, seconds, content hash of the bytes read) as four objects
-    (``LOAD_LAYER_OUTPUTS``). The
-    driver hands the tensors' object to every calibration worker and to the smoothing task; Ray
-    keeps one copy per node in its object store (shared memory, read in place) and moves it
-    between nodes once per node, so a layer costs one storage read however many workers there
-    are."""
+    by relative name, bytes read, seconds, content hash of the bytes read, this process) as five
+    objects (``LOAD_LAYER_OUTPUTS``). The driver hands the tensors' object to every calibration
+    worker and to the smoothing task; Ray keeps one copy per node in its object store and moves
+    it between nodes once per node, so a layer costs one storage read however many workers there
+    are. (Each reader still deserializes its own copy of the tensors: torch tensors are pickled
+    in-band.)"""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     tensors, nbytes, sha = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
-    return tensors, nbytes, time.perf_counter() - t0, sha
+    return tensors, nbytes, time.perf_counter() - t0, sha, process_info("read")
 
 
 def smooth_task(
@@ -105,20 +110,33 @@ def smooth_task(
     nbytes: int,
     read_s: float,
     source_sha256: str,
-    stats_parts: Iterable[Mapping[str, GroupStats]],
+    read_process: dict[str, Any] | None,
+    channel_parts: Iterable[Mapping[str, ChannelStats]],
+    gram_parts: Callable[[int], Iterable[Any]] | None = None,
 ) -> tuple[Any, ...]:
-    """Reduce ``stats_parts`` (one per worker, in rank order; consumed lazily, so a generator
+    """Reduce ``channel_parts`` (one per worker, in rank order; consumed lazily, so a generator
     that fetches each part when asked keeps one at a time) and smooth layer ``layer_idx``
-    (``tensors, nbytes, read_s, source_sha256``: ``load_layer_task``'s outputs). Returns (LayerMeta,
-    GroupPayload per group, W (N, K) per linear) in ``groups_for`` order."""
+    (``tensors, nbytes, read_s, source_sha256, read_process``: ``load_layer_task``'s outputs). Returns (LayerMeta,
+    GroupPayload per group, W (N, K) per linear) in ``groups_for`` order.
+
+    gram_parts(g): group g's Gram parts, in rank order; read only when the smoothing searches
+    (``reconstruct.needs_gram``)."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     config = hf_config(config_dict)
     groups = groups_for(config)
-    stats = reduce_parts(stats_parts)
-    if set(stats) != {g.name for g in groups}:
-        raise ValueError(f"layer {layer_idx}: statistics for groups {sorted(stats)}, expected "
+    channels = reduce_parts(channel_parts)
+    if set(channels) != {g.name for g in groups}:
+        raise ValueError(f"layer {layer_idx}: statistics for groups {sorted(channels)}, expected "
                          f"{sorted(g.name for g in groups)}")
+    stats: dict[str, Any] = dict(channels)
+    if needs_gram(method):
+        if gram_parts is None:
+            raise ValueError("the smoothing search needs the Grams: pass gram_parts")
+        for gi, g in enumerate(groups):
+            K = channels[g.name].absmax.shape[0]
+            G = reduce_grams_into(torch.empty(K, K, dtype=torch.float64), gram_parts(gi))
+            stats[g.name] = GroupStats.of(G, channels[g.name])
     t1 = time.perf_counter()
     t2 = time.perf_counter()
     sm = smooth_layer(dict(tensors), stats, method, config)
@@ -133,10 +151,16 @@ def smooth_task(
         seconds={"reduce": t1 - t0, "read_layer": read_s, "smooth": t3 - t2},
         process=process_info("smooth"),
         source_sha256=source_sha256,
+        read_process=read_process,
     )
-    payloads = [GroupPayload(sm.stats[g.name], sm.outliers[g.name]) for g in groups]
+    payloads = [GroupPayload(_channels(sm.stats[g.name]), sm.scales.get(g.name), sm.outliers[g.name])
+                for g in groups]
     weights = [sm.tensors[f"{lin}.weight"] for lin in linears]
     return (meta, *payloads, *weights)
+
+
+def _channels(st: GroupStats | ChannelStats) -> ChannelStats:
+    return st.channels if isinstance(st, GroupStats) else st
 
 
 def linear_group_index(config_dict: Mapping[str, Any]) -> list[int]:
@@ -145,9 +169,15 @@ def linear_group_index(config_dict: Mapping[str, Any]) -> list[int]:
 
 
 def reconstruct_task(
-    W: torch.Tensor, payload: GroupPayload, method: MethodConfig, use_gpu: bool = False, threads: int = TASK_THREADS
+    W: torch.Tensor, payload: GroupPayload, method: MethodConfig, gram_parts: Callable[[], Iterable[Any]],
+    use_gpu: bool = False, threads: int = TASK_THREADS,
 ) -> LinearResult:
     """Steps 2–3 for one smoothed linear, W: (N, K) in the checkpoint's dtype.
+
+    gram_parts(): the group's Gram parts (the workers', in rank order; consumed lazily). They are
+    summed and scaled into the one Gram-sized buffer the task holds, which the whitening then
+    factors in place; if the factorization must be retried with more damping, the buffer is
+    filled again from the parts (``reconstruct_linear``'s ``refill_gram``).
 
     use_gpu: run on the GPU this task was given (the CPU when there is none). The result is on
     the CPU either way; where it ran is in ``res.process``. threads: torch's CPU threads, the
@@ -158,8 +188,19 @@ def reconstruct_task(
     device = worker_device(use_gpu)
     t0 = time.perf_counter()
     outliers = None if payload.outliers is None else payload.outliers.to(device)
-    res = reconstruct_linear(W.to(device), payload.stats.to(device), outliers, method, scale_dtype=W.dtype)
+
+    def fill(buf: torch.Tensor) -> torch.Tensor:
+        return reduce_grams_into(buf, gram_parts(), payload.scale)
+
+    K = W.shape[1]
+    G = fill(torch.empty(K, K, dtype=torch.float64, device=device))
+    t1 = time.perf_counter()
+    stats = GroupStats.of(G, payload.channels.to(device))
+    del G
+    res = reconstruct_linear(W.to(device), stats, outliers, method, scale_dtype=W.dtype, refill_gram=fill)
+    del stats
     res = res.to("cpu")
+    res.metrics["gram_s"] = t1 - t0
     res.metrics["task_s"] = time.perf_counter() - t0
     res.process = process_info("reconstruct", device)
     if device.type == "cuda":
@@ -196,7 +237,7 @@ def write_layer_task(
     files = export.write_stage(dest, 1 + layer_idx, num_layers, base, adapter, shard_size_bytes)
     t1 = time.perf_counter()
     metrics: dict[str, dict[str, float]] = {}
-    processes = [meta.process]
+    processes = [meta.process] + ([meta.read_process] if meta.read_process else [])
     recon_s = 0.0
     for name, res in by_name.items():
         m = res.metrics
@@ -205,6 +246,7 @@ def write_layer_task(
             "rel_error_after": float(m["err_after"]),
             "rank": int(m["rank"]),
             "seconds": float(m.get("task_s", 0.0)),
+            "gram_s": float(m.get("gram_s", 0.0)),
             "svd_s": float(m.get("svd_s", 0.0)),
             "cholesky_s": float(m.get("cholesky_s", 0.0)),
             "quantize_s": float(m.get("quantize_s", 0.0)),

@@ -18,7 +18,7 @@ Every retry setting is explicit here, with its reason:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ray
@@ -62,16 +62,22 @@ def calibration_actor(num_cpus: float, num_gpus: float, memory: int = 0) -> Any:
     return ray.remote(**opts)(PlacedCalibrationWorker)
 
 
+def _fetch(refs: list[Any]) -> Iterator[Any]:
+    """The objects of ``refs``, fetched one at a time as they are asked for (Ray resolves only
+    top-level arguments; a list of refs arrives as refs)."""
+    return (ray.get(ref) for ref in refs)
+
+
 def smooth_streaming(
     config_dict: Mapping[str, Any], layer_idx: int, method: Any, tensors: Any, nbytes: int, read_s: float,
-    source_sha256: str, part_refs: list[Any], *collected: Any,
+    source_sha256: str, read_process: dict[str, Any], channel_refs: list[Any], gram_refs: list[list[Any]],
+    *collected: Any,
 ) -> tuple[Any, ...]:
     """``layer_tasks.smooth_task`` with the workers' partial statistics fetched one at a time.
 
-    The parts come as a list of object refs (Ray resolves only top-level arguments) and are
-    fetched as ``stats.reduce_parts`` asks for them, in rank order: each is released before the
-    next is fetched, so the task holds one part and the running sums instead of every worker's
-    statistics at once (8 x 10 GiB for a Llama-3-70B layer on an 8-GPU node).
+    channel_refs: each worker's channel statistics (small); gram_refs[w][g]: worker w's Gram of
+    group g, fetched only when the smoothing searches, as ``stats.reduce_grams_into`` asks for
+    them, in rank order: each is released before the next is fetched.
 
     collected: the workers' ``collect`` step infos (small), passed as top-level arguments so
     that Ray starts the task only once every part exists. Started earlier, the task would block
@@ -80,8 +86,18 @@ def smooth_streaming(
     each here) that then idled out: SmolLM2-135M spent more time starting processes than
     forwarding (1.2 s instead of 0.34 s per batch on 2 cores)."""
     del collected
-    parts = (ray.get(ref) for ref in part_refs)
-    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, source_sha256, parts)
+    return layer_tasks.smooth_task(config_dict, layer_idx, method, tensors, nbytes, read_s, source_sha256,
+                                   read_process, _fetch(channel_refs), lambda g: _fetch([w[g] for w in gram_refs]))
+
+
+def reconstruct_streaming(
+    W: Any, payload: Any, method: Any, use_gpu: bool, threads: int, gram_refs: list[Any],
+) -> Any:
+    """``layer_tasks.reconstruct_task`` with the group's Gram parts (one per worker, in rank
+    order) fetched one at a time into the task's one Gram buffer: a Llama-3-70B down_proj task
+    holds one 6.1 GiB Gram however many workers made parts of it. Ray starts the task once its
+    payload exists, which is after every part (the smoothing waited for all collects)."""
+    return layer_tasks.reconstruct_task(W, payload, method, lambda: _fetch(gram_refs), use_gpu, threads)
 
 
 # Calls a worker process serves before it exits: unlimited. Ray's default for a task that asks
@@ -118,7 +134,7 @@ def remote_functions(reconstruct_gpus: float = 0.0, memory: Mapping[str, int] | 
     return {
         "load_layer": _task(layer_tasks.load_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
         "smooth": _task(smooth_streaming, False, TASK_NUM_CPUS, memory=mem.get("smooth", 0)),
-        "reconstruct": _task(layer_tasks.reconstruct_task, False, reconstruct_cpus, reconstruct_gpus,
+        "reconstruct": _task(reconstruct_streaming, False, reconstruct_cpus, reconstruct_gpus,
                              memory=mem.get("reconstruct", 0)),
         "write_layer": _task(layer_tasks.write_layer_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),
         "copy_stage": _task(layer_tasks.copy_stage_task, STORAGE_RETRY_EXCEPTIONS, memory=mem.get("writer", 0)),

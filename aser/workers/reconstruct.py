@@ -32,7 +32,7 @@ from aser.workers.lowrank import (
     whitened_error_sq,
     whitened_lowrank,
 )
-from aser.workers.stats import GroupStats
+from aser.workers.stats import ChannelStats, GroupStats
 
 METHODS = ("rtn", "smoothquant", "lorc", "l2qer", "er", "aser", "gptq", "gptq+er", "gptq+aser")
 OUTLIER_MODES = ("lowrank", "side", "none")
@@ -173,16 +173,17 @@ class LinearResult:
 @dataclass
 class SmoothedLayer:
     tensors: dict[str, torch.Tensor]  # the layer's FP tensors with smoothing folded
-    stats: dict[str, GroupStats]  # per group, of the smoothed input
+    stats: dict[str, Any]  # per group, of the smoothed input (GroupStats or ChannelStats, as given)
     outliers: dict[str, torch.Tensor | None]  # per group: extracted input channels (sorted)
     choices: dict[str, dict[str, float]]  # per group: chosen α, f, and the search's errors
+    scales: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per group: m, None if unsmoothed
 
 
 # ---------------------------------------------------------------- step 1: smoothing
 
 
 def smoothing_scale(
-    weights: list[torch.Tensor], stats: GroupStats, alpha: float, num_outliers: int, channels: str
+    weights: list[torch.Tensor], stats: GroupStats | ChannelStats, alpha: float, num_outliers: int, channels: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """m (K,) float64 and the outlier channels O (sorted LongTensor, or None if f = 0).
 
@@ -213,24 +214,37 @@ def _candidates(cfg: MethodConfig) -> list[tuple[float, int]]:
     return [(a, f) for a in alphas for f in fs]
 
 
+def needs_gram(cfg: MethodConfig) -> bool:
+    """Whether ``smooth_layer`` needs the Grams (a search scores each candidate by the error
+    after steps 2–3); otherwise the channel statistics are all it reads."""
+    return cfg.smoothing is not None and len(_candidates(cfg)) > 1
+
+
 def smooth_layer(
     tensors: Mapping[str, torch.Tensor],
-    stats: Mapping[str, GroupStats],
+    stats: Mapping[str, GroupStats] | Mapping[str, ChannelStats],
     cfg: MethodConfig,
     config: Any,
 ) -> SmoothedLayer:
     """ASER step 1 (or SmoothQuant) for one decoder layer; a no-op for methods without smoothing.
 
-    tensors: the layer's FP tensors by relative name; stats: per group name; config: HF config.
+    tensors: the layer's FP tensors by relative name; stats: per group name, GroupStats, or
+    ChannelStats when ``needs_gram(cfg)`` is false; config: HF config. The result's ``stats`` are
+    those given, scaled to the smoothed input; ``scales`` holds each group's m, for whoever
+    scales the Gram later (``stats.reduce_grams_into``).
     With a search grid, each candidate (α, f) is scored by the whitened output error the whole
     group keeps after steps 2–3 (Σ_i ‖(W_i − Ŵ_i − L_A L_B) X‖²), computed in float64.
     """
     out = dict(tensors)
-    new_stats = dict(stats)
+    new_stats: dict[str, Any] = dict(stats)
     outliers: dict[str, torch.Tensor | None] = {}
     choices: dict[str, dict[str, float]] = {}
+    scales: dict[str, torch.Tensor | None] = {}
+    if needs_gram(cfg) and not all(isinstance(st, GroupStats) for st in stats.values()):
+        raise ValueError("the smoothing search scores candidates by the reconstruction error: it needs the Grams")
     for g in groups_for(config):
         outliers[g.name] = None
+        scales[g.name] = None
         if cfg.smoothing is None:
             continue
         weights = [out[f"{lin}.weight"] for lin in g.linears]
@@ -249,7 +263,9 @@ def smooth_layer(
             if len(cands) == 1:
                 best = (0.0, m, O, alpha, f)
                 break
-            err = _group_error(g, weights, stats[g.name], m, O, cfg)
+            st = stats[g.name]
+            assert isinstance(st, GroupStats)  # needs_gram: checked above
+            err = _group_error(g, weights, st, m, O, cfg)
             if best is None or err < best[0]:
                 best = (err, m, O, alpha, f)
         assert best is not None
@@ -260,7 +276,8 @@ def smooth_layer(
             out = fold_smoothing(out, g, m)
             new_stats[g.name] = stats[g.name].scaled(m)
         outliers[g.name] = O
-    return SmoothedLayer(out, new_stats, outliers, choices)
+        scales[g.name] = m
+    return SmoothedLayer(out, new_stats, outliers, choices, scales)
 
 
 def _group_error(
@@ -325,7 +342,7 @@ def _quantize(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor | None, cfg: 
 
 
 def _lowrank(E: torch.Tensor, G: torch.Tensor, stats: GroupStats, rank: int, cfg: MethodConfig,
-             refill: Callable[[torch.Tensor], None] | None) -> LowRank | None:
+             refill: Callable[[torch.Tensor], object] | None) -> LowRank | None:
     if cfg.lowrank is None or rank == 0:
         return None
     kw = dict(svd=cfg.svd, niter=cfg.svd_niter, oversample=cfg.svd_oversample)
@@ -343,7 +360,7 @@ def reconstruct_linear(
     cfg: MethodConfig,
     *,
     scale_dtype: torch.dtype | None = None,
-    refill_gram: Callable[[torch.Tensor], None] | None = None,
+    refill_gram: Callable[[torch.Tensor], object] | None = None,
 ) -> LinearResult:
     """Steps 2–3 for one (already smoothed) linear.
 

@@ -540,10 +540,45 @@ def test_smoothing_waits_for_every_workers_statistics_as_a_dependency():
             self.args = args
 
     smooth = Smooth()
-    collected = [("stats0", "info0"), ("stats1", "info1")]
+    collected = [("stats0", "info0", "gram0a", "gram0b"), ("stats1", "info1", "gram1a", "gram1b")]
     driver.submit_smooth(smooth, 5, {"c": 1}, 3, "method", ("tensors", "nbytes", "read_s"), collected)
     assert smooth.kw == {"num_returns": 5}
     top_level = smooth.args
-    assert ["stats0", "stats1"] in top_level  # the parts: one list, fetched lazily
+    assert ["stats0", "stats1"] in top_level  # the channel parts: one list, fetched lazily
+    # The Grams, per worker then per group: fetched only if a search needs them.
+    assert [["gram0a", "gram0b"], ["gram1a", "gram1b"]] in top_level
+    assert not {"gram0a", "gram1a"} & set(top_level[8:])
     assert "info0" in top_level and "info1" in top_level  # dependencies Ray resolves first
     assert top_level[:6] == ({"c": 1}, 3, "method", "tensors", "nbytes", "read_s")
+
+
+def test_lockstep_runs_one_layer_at_a_time_to_the_same_bytes(
+    reference: dict[str, bytes], tmp_path: Path, paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the memory model finds that the actors' forward and a layer's tasks cannot share the
+    cluster's memory (``memory.fit``: a Llama-3-70B layer on a 24 GB machine), the driver submits
+    layer i + 1 only once layer i is written and recorded. Same bytes as the overlapped run."""
+    import dataclasses
+
+    real_fit = driver.fit_memory
+    monkeypatch.setattr(driver, "fit_memory", lambda cost, nodes: dataclasses.replace(
+        real_fit(cost, nodes), lockstep=True, note="forced by the test"))
+    recorded: list[int] = []
+    submitted: list[tuple[int, list[int]]] = []
+    real_record, real_submit = driver._record_layer, driver.submit_smooth
+
+    def record(ctx: Any, p: Any) -> None:
+        real_record(ctx, p)
+        recorded.append(p.layer)
+
+    def submit(*args: Any) -> Any:
+        submitted.append((args[3], list(recorded)))
+        return real_submit(*args)
+
+    monkeypatch.setattr(driver, "_record_layer", record)
+    monkeypatch.setattr(driver, "submit_smooth", submit)
+    dest = str(tmp_path / "out")
+    res = driver.run(run_config(paths["source"], dest, paths["calib"]), show_progress=False)
+    assert res.manifest.summary["lockstep"] is True
+    assert submitted == [(i, list(range(i))) for i in range(5)]  # each layer after every earlier one
+    assert output_files(dest) == reference

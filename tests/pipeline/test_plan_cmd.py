@@ -63,7 +63,7 @@ def test_config_only_directory_plans_with_the_json_contract(tmp_path: Path, _pla
 
 def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     """The statistics of one layer are one Gram per group: K = 256 for qkv, o and gate_up, 704
-    for down; the largest reconstruction is the linear with the largest K² + 5 N K."""
+    for down; the largest reconstruction is the linear with the largest K² + 2 N K."""
     shape = read_shape(str(_config_dir(tmp_path)))
     assert dict(shape.groups) == {"qkv": 256, "o": 256, "gate_up": 256, "down": 704}
     cost = memory.estimate(shape, num_samples=16, seq_len=128, num_workers=2, gpus_per_worker=0.0,
@@ -71,11 +71,15 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     k = cost.by_kind()
     stats64 = 8 * (3 * (256**2 + 2 * 256) + 704**2 + 2 * 704)
     assert k["calibration"].terms["stats_fp64"] == stats64
-    # The smoothing holds one worker's part at a time and the running sum, whatever the count.
-    assert k["smooth"].terms["stats_part"] == stats64 and k["smooth"].terms["stats_sum"] == 2 * stats64
+    # The smoothing reads no Gram unless it searches; then every group's sum and one part.
+    assert not {"grams", "gram_part"} & set(k["smooth"].terms)
+    searching = memory.estimate(shape, 16, 128, 2, 0.0, 0.0, 32, 8, search=True).by_kind()["smooth"]
+    assert searching.terms["grams"] == 8 * (3 * 256**2 + 704**2) and searching.terms["gram_part"] == 8 * 704**2
+    # A reconstruction task sums its group's parts into one buffer, whatever the worker count.
     eight = memory.estimate(shape, 16, 128, 8, 0.0, 0.0, 32, 8).by_kind()
-    assert eight["smooth"].peak_host_bytes == k["smooth"].peak_host_bytes
-    assert k["reconstruct"].terms["gram"] == 8 * 704**2  # down_proj: K = 704
+    for kind in ("smooth", "reconstruct"):
+        assert eight[kind].peak_host_bytes == k[kind].peak_host_bytes
+    assert k["reconstruct"].terms["gram"] == k["reconstruct"].terms["gram_part"] == 8 * 704**2  # down: K = 704
     assert k["reconstruct"].terms["nk_float64"] == memory.RECONSTRUCT_NK_BUFFERS * 8 * 256 * 704
     # Each worker holds its shard: 8 of 16 samples, inputs and outputs, in the compute dtype:
     # fp32 on a CPU for this bf16 checkpoint, bf16 on a GPU.
@@ -84,8 +88,9 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     assert on_gpu["calibration"].terms["hidden_states"] == 2 * 8 * 128 * 256 * 2
     # Each layer once, whatever the worker count; the embedding by each worker and the copy.
     assert cost.bytes_read == 3 * shape.layer_bytes + 2 * shape.embedding_bytes + shape.embed_bytes
-    one = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
-    assert one["smooth"].terms["stats_sum"] == 0
+    # The object store holds each worker's statistics until the layer's tasks are done.
+    assert cost.object_store_bytes_per_layer - memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8) \
+        .object_store_bytes_per_layer == stats64
 
 
 def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
@@ -93,8 +98,12 @@ def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
     cpu = memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8).by_kind()
     gpu = memory.estimate(shape, 16, 128, 1, 0.5, 0.25, 32, 8).by_kind()
     assert cpu["calibration"].peak_gpu_bytes == 0 and cpu["reconstruct"].peak_gpu_bytes == 0
-    assert gpu["calibration"].peak_gpu_bytes > sum(gpu["calibration"].terms.values())
-    assert gpu["reconstruct"].peak_gpu_bytes > sum(gpu["reconstruct"].terms.values())
+    for kind, big in (("calibration", "layer_built"), ("reconstruct", "nk_float64")):
+        assert big in cpu[kind].terms and big in gpu[kind].terms
+        # On the GPU the big buffers leave the host: its peak is the host phase's terms alone.
+        assert gpu[kind].peak_gpu_bytes + gpu[kind].peak_host_bytes == sum(gpu[kind].terms.values())
+        assert gpu[kind].peak_gpu_bytes >= memory.CUDA_CONTEXT_GPU_BYTES + gpu[kind].terms[big]
+        assert gpu[kind].peak_host_bytes < cpu[kind].peak_host_bytes + memory.CUDA_CONTEXT_HOST_BYTES
 
 
 def test_does_not_fit_says_which_process_and_exits_non_zero(tmp_path: Path, _plan) -> None:
@@ -135,29 +144,53 @@ def test_driver_refuses_what_no_node_can_hold(tmp_path: Path) -> None:
                                             r"Ray node offers 0\.4 GiB"):
         driver.fit_memory(cost, nodes)
     asked = driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": 64 * GIB}}])
-    assert asked == {p.kind: p.peak_host_bytes for p in cost.processes if p.kind != "driver"}
+    assert asked.memory == {p.kind: p.private_host_bytes for p in cost.processes if p.kind != "driver"}
+    assert not asked.lockstep
 
 
-def test_driver_refuses_actors_that_leave_no_memory_for_a_task(tmp_path: Path) -> None:
-    """Each process fits a node, but Ray holds the actors' memory for the whole run: with two
-    workers, what they hold plus the largest task exceeds the cluster, and the first such task
-    would wait forever (seen: stories260K, 2 workers, a 1.3 GiB Ray instance hung)."""
+def test_the_layers_go_in_lockstep_when_the_forward_and_the_tasks_do_not_fit_together(tmp_path: Path) -> None:
+    """Ray holds an actor's memory for its whole life: with what the actors hold in their forward
+    plus the largest task beyond the cluster, a task would wait forever (seen: stories260K, 2
+    workers, a 1.3 GiB Ray instance hung). Where each phase fits on its own, the driver runs one
+    layer at a time and the actors reserve only what they hold between calls; where not even
+    that fits, it refuses before any work."""
     shape = read_shape(str(_config_dir(tmp_path)))
     cost = memory.estimate(shape, 16, 128, 2, 0.0, 0.0, 32, 8)
     kinds = cost.by_kind()
-    held = 2 * kinds["calibration"].peak_host_bytes
-    task = max(kinds[k].peak_host_bytes for k in memory.TASK_KINDS)
-    assert kinds["calibration"].count == 2
-    just_short = [{"Alive": True, "Resources": {"memory": held + task - 1}}]
-    with pytest.raises(ResourceError, match=r"^the run would wait forever: 2 calibration worker\(s\) hold 2 x 0\.\d GiB "
-                                            r"of host memory for the whole run and a \w+ task needs 0\.\d GiB beside them"):
-        driver.fit_memory(cost, just_short)
+    calib = kinds["calibration"]
+    held, idle = 2 * calib.private_host_bytes, 2 * calib.idle_host_bytes
+    task = max(kinds[k].private_host_bytes for k in memory.TASK_KINDS)
+    assert calib.count == 2 and idle < held
+    assert calib.idle_host_bytes == memory.BASE_PROCESS_BYTES + calib.terms["hidden_states"]
+
+    def node(b: float) -> list[dict]:
+        return [{"Alive": True, "Resources": {"memory": b}}]
+
+    overlap = driver.fit_memory(cost, node(held + task))
+    assert not overlap.lockstep and overlap.memory["calibration"] == calib.private_host_bytes
+    step = driver.fit_memory(cost, node(held + task - 1))
+    assert step.lockstep and step.memory["calibration"] == calib.idle_host_bytes
+    assert step.memory["reconstruct"] == kinds["reconstruct"].private_host_bytes
+    assert "one layer at a time" in step.note
+    # Not even one phase at a time: the forward alone, or the idle actors beside a task.
+    for short in (held - 1, idle + task - 1):
+        if short >= max(p.private_host_bytes for p in cost.processes):
+            with pytest.raises(ResourceError, match=r"^the run would wait forever: 2 calibration worker\(s\) hold 2 x "
+                                                    r"0\.\d GiB of host memory in their forward"):
+                driver.fit_memory(cost, node(short))
+    # A forward larger than the idle actors and a task together (long sequences: the attention
+    # scores exist only in the forward): lockstep cannot help below the forward alone.
+    long = memory.estimate(shape, 16, 2048, 2, 0.0, 0.0, 32, 8)
+    lk = long.by_kind()
+    fwd = 2 * lk["calibration"].private_host_bytes
+    assert fwd - 1 > 2 * lk["calibration"].idle_host_bytes + max(lk[k].private_host_bytes for k in memory.TASK_KINDS)
+    with pytest.raises(ResourceError, match=r"^the run would wait forever"):
+        driver.fit_memory(long, node(fwd - 1))
+    assert driver.fit_memory(long, node(fwd)).lockstep
     # Several nodes: the memory of all of them counts (necessary, not sufficient: Ray places).
-    driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": (held + task) / 2}}] * 2)
-    driver.fit_memory(cost, [{"Alive": True, "Resources": {"memory": held + task}}])
+    assert not driver.fit_memory(cost, node((held + task) / 2) * 2).lockstep
     # aser plan says the same, from the same function.
-    assert memory.tasks_blocked_by_actors(cost, held + task - 1)
-    assert memory.tasks_blocked_by_actors(cost, held + task) is None
+    assert memory.fit(cost, held + task - 1, held + task - 1).lockstep
 
 
 def test_make_report_uses_the_profile_and_node_count(tmp_path: Path) -> None:
@@ -173,6 +206,8 @@ def test_a_gpu_worker_still_holds_its_statistics_on_the_host(tmp_path: Path) -> 
     the host of a GPU worker, besides the CUDA context's host memory."""
     shape = read_shape(str(_config_dir(tmp_path)))
     calib = memory.estimate(shape, 16, 128, 1, 0.5, 0.25, 32, 8).by_kind()["calibration"]
-    stats64 = calib.terms["stats_fp64"]
-    assert calib.terms["stats_on_host"] == stats64 == calib.terms["stats_serialized"]
+    stats64 = calib.terms["stats_on_host"]
+    assert calib.phase == "return" and stats64 == calib.terms["stats_serialized"]
     assert calib.peak_host_bytes >= memory.BASE_PROCESS_BYTES + memory.CUDA_CONTEXT_HOST_BYTES + 2 * stats64
+    # The serialized copy is in the object store: Ray is asked for the rest.
+    assert calib.private_host_bytes == calib.peak_host_bytes - stats64 - calib.terms["layer_shared"]

@@ -473,11 +473,11 @@ def test_reconstruction_threads_are_the_tasks_cpus_and_repeat_their_bytes(monkey
 
     monkeypatch.setattr(layer_tasks, "reconstruct_linear", spy)
     W, st = _linear_problem(3, N=192, K=384, T=2048)
-    payload = layer_tasks.GroupPayload(st, None)
+    payload = layer_tasks.GroupPayload(st.channels, None, None)
     cfg = MethodConfig(method="gptq+er", rank=16)
     before = torch.get_num_threads()
     try:
-        runs = [layer_tasks.reconstruct_task(W.float(), payload, cfg, threads=t) for t in (2, 2, 1)]
+        runs = [layer_tasks.reconstruct_task(W.float(), payload, cfg, lambda: [st.gram], threads=t) for t in (2, 2, 1)]
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 2, 1]
