@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -83,14 +84,17 @@ def write_checkpoint(out: Path, tokenizer_dir: Path, layers: int, hidden: int, i
     return out
 
 
+# A role recorded by a process -> the process kind whose memory it asks Ray for (the layer's read
+# asks for a writer's).
 ROLE_KIND = {"calibration": "calibration", "smooth": "smooth", "reconstruct": "reconstruct", "write": "writer",
-             "finalize": "finalize", "driver": "driver"}
+             "read": "writer", "finalize": "finalize", "driver": "driver"}
 
 
 def predicted_vs_measured(summary: dict) -> list[dict]:
     """Per process of the run: its measured peak RSS (ru_maxrss: counts the object-store pages it
-    touched, which accumulate over a run) and peak private memory (RssAnon, sampled) against the
-    memory model's prediction (the manifest's summary.plan, what the driver asked Ray for). A
+    touched, which accumulate over a run) against the memory model's peak RSS, and its peak
+    private memory (RssAnon, sampled) against the model's private bytes (the manifest's
+    summary.plan; the private bytes are what the driver asked Ray for). A
     Ray worker process serves several roles over a run; its prediction is the largest of its
     roles'. The driver here is also the process that wrote the synthetic checkpoint."""
     plan = summary.get("plan", {})
@@ -98,12 +102,42 @@ def predicted_vs_measured(summary: dict) -> list[dict]:
     for p in summary["processes"]:
         kinds = [ROLE_KIND[r] for r in p["role"].split("+") if r in ROLE_KIND]
         predicted = max((plan[k]["peak_host_bytes"] for k in kinds if k in plan), default=0)
+        private = max((plan[k].get("private_host_bytes", 0) for k in kinds if k in plan), default=0)
         anon = p.get("peak_rss_anon_bytes", 0)
         rows.append({"pid": p["pid"], "role": p["role"], "measured_rss_bytes": p["peak_rss_bytes"],
-                     "measured_rss_anon_bytes": anon, "predicted_bytes": predicted,
+                     "measured_rss_anon_bytes": anon, "predicted_rss_bytes": predicted,
+                     "predicted_private_bytes": private,
                      "ratio_rss": p["peak_rss_bytes"] / predicted if predicted else None,
-                     "ratio_anon": anon / predicted if predicted and anon else None})
+                     "ratio_anon": anon / private if private and anon else None})
     return rows
+
+
+def load_check(dest: str, out: dict) -> None:
+    """DEST as its model card says to load it: transformers (the packed weights unpacked,
+    ``run_compressed=False``) + PEFT (the adapter); one forward of 8 tokens. Run in a child
+    process so its memory is its own; fills ``out``."""
+    import resource
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        dest, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    model = PeftModel.from_pretrained(model, str(Path(dest) / "aser_adapter")).eval()
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(torch.arange(1, 9)[None, :]).logits
+    lora = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    out.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1, "logits_finite": bool(torch.isfinite(logits).all()),
+                "logits_shape": list(logits.shape), "lora_modules": lora,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+
+
+def _load_check_child(dest: str, path: str) -> None:
+    res: dict = {}
+    load_check(dest, res)
+    Path(path).write_text(json.dumps(res))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="default: from the cluster (one per GPU, else 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--reconstruct-cpus", type=int, default=1,
+                   help="CPUs (torch threads) per reconstruction task")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and DEST")
+    p.add_argument("--no-load-check", action="store_true", help="skip loading DEST in transformers + PEFT")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
 
@@ -129,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     t0 = time.perf_counter()
     if not src.exists():
-        write_checkpoint(src, data / "stories260K", args.layers, args.hidden, args.intermediate, args.heads,
-                         args.kv_heads)
+        # In a child process: the driver's peak RSS is then the run's, not the generator's.
+        proc = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(
+            src, data / "stories260K", args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"writing the checkpoint failed (exit code {proc.exitcode})")
     write_s = time.perf_counter() - t0
     if dest.exists():
         shutil.rmtree(dest)
@@ -139,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         method=MethodConfig(method=args.method, rank=args.rank),
         calib=CalibConfig(source=str(data / "tinystories" / "sample.txt"), num_samples=args.num_samples,
                           seq_len=args.seq_len),
-        workers=WorkersConfig(num_workers=args.workers, num_cpus_per_worker=args.cpus_per_worker),
+        workers=WorkersConfig(num_workers=args.workers, num_cpus_per_worker=args.cpus_per_worker,
+                              reconstruct_cpus=args.reconstruct_cpus),
     )
     with sample_rss_anon(os.getpid()) as anon:
         res = driver.run(cfg, show_progress=False)
     s = res.manifest.summary
     for p in s["processes"]:
         p["peak_rss_anon_bytes"] = anon.get(int(p["pid"]), 0)
-    linears = {f"{i}.{name}": {k: m.get(k) for k in ("seconds", "svd_s", "cholesky_s", "quantize_s", "rank")}
+    linears = {f"{i}.{name}": {k: m.get(k) for k in ("seconds", "gram_s", "svd_s", "cholesky_s", "quantize_s", "rank")}
                for i, rec in sorted(res.manifest.layers.items()) for name, m in rec.metrics.items()
                if not name.startswith("group:")}
     out = {
@@ -158,11 +201,20 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": s["wall_s"],
         "stage_seconds_total": s["stage_seconds_total"],
         "resources": s.get("resources"),
+        "lockstep": s.get("lockstep"),
+        "plan": s.get("plan"),
         "processes": s["processes"],
         "workers": s["workers"],
         "linears": linears,
     }
     out["predicted_vs_measured"] = predicted_vs_measured(s)
+    if not args.no_load_check:
+        path = work / "load_check.json"
+        proc = multiprocessing.get_context("spawn").Process(target=_load_check_child, args=(str(dest), str(path)))
+        proc.start()
+        proc.join()
+        out["transformers_peft_load"] = json.loads(path.read_text()) if proc.exitcode == 0 else {
+            "failed": f"exit code {proc.exitcode}"}
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
