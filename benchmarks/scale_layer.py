@@ -84,24 +84,44 @@ def write_checkpoint(out: Path, tokenizer_dir: Path, layers: int, hidden: int, i
     return out
 
 
-# A role recorded by a process -> the process kind whose memory it asks Ray for (the layer's read
-# asks for a writer's).
-ROLE_KIND = {"calibration": "calibration", "smooth": "smooth", "reconstruct": "reconstruct", "write": "writer",
-             "read": "writer", "finalize": "finalize", "driver": "driver"}
+# A role recorded by a process -> the process kind whose memory it asks Ray for and the phases
+# of that kind the role runs in (the layer's read asks for a writer's memory; a writer's copy of
+# the embedding or head stage is a phase of its own). None: every phase.
+ROLE_PHASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "calibration": ("calibration", None), "smooth": ("smooth", None), "reconstruct": ("reconstruct", None),
+    "write": ("writer", ("write",)), "copy": ("writer", ("copy",)), "read": ("writer", ("read_layer", "return_layer")),
+    "finalize": ("finalize", None), "driver": ("driver", None)}
+
+
+def _predicted_rss(plan: dict, roles: list[str]) -> int:
+    """The model's peak RSS for a process that ran ``roles``: the largest of their phases'."""
+    best = 0
+    for role in roles:
+        if role not in ROLE_PHASES or ROLE_PHASES[role][0] not in plan:
+            continue
+        kind, phases = ROLE_PHASES[role]
+        entry = plan[kind]
+        by_phase = entry.get("phases") or {}
+        if phases is None or not by_phase:
+            best = max(best, entry["peak_host_bytes"])
+        else:
+            best = max(best, *(by_phase.get(ph, 0) for ph in phases))
+    return best
 
 
 def predicted_vs_measured(summary: dict) -> list[dict]:
     """Per process of the run: its measured peak RSS (ru_maxrss: counts the object-store pages it
-    touched, which accumulate over a run) against the memory model's peak RSS, and its peak
-    private memory (RssAnon, sampled) against the model's private bytes (the manifest's
-    summary.plan; the private bytes are what the driver asked Ray for). A
+    touched, which accumulate over a run) against the memory model's peak RSS for the phases of
+    the roles it ran, and its peak private memory (RssAnon, sampled) against its kinds' private
+    bytes (the manifest's summary.plan; the private bytes are what the driver asked Ray for). A
     Ray worker process serves several roles over a run; its prediction is the largest of its
-    roles'. The driver here is also the process that wrote the synthetic checkpoint."""
+    roles'. The synthetic checkpoint is written by a child process of the driver's."""
     plan = summary.get("plan", {})
     rows = []
     for p in summary["processes"]:
-        kinds = [ROLE_KIND[r] for r in p["role"].split("+") if r in ROLE_KIND]
-        predicted = max((plan[k]["peak_host_bytes"] for k in kinds if k in plan), default=0)
+        roles = p["role"].split("+")
+        kinds = {ROLE_PHASES[r][0] for r in roles if r in ROLE_PHASES}
+        predicted = _predicted_rss(plan, roles)
         private = max((plan[k].get("private_host_bytes", 0) for k in kinds if k in plan), default=0)
         anon = p.get("peak_rss_anon_bytes", 0)
         rows.append({"pid": p["pid"], "role": p["role"], "measured_rss_bytes": p["peak_rss_bytes"],

@@ -371,16 +371,19 @@ def _layer_loop_inner(ctx: _Ctx, actors: list[Any], start: int, pending: list[_P
         pending.pop(0)
 
 
-def plan_cost(plan: Plan, config: RunConfig, res: Resources) -> RunCost:
-    """The memory model of this run (the figures ``aser plan`` prints for it)."""
+def plan_cost(plan: Plan, config: RunConfig, res: Resources, local: bool = False, lockstep: bool = False) -> RunCost:
+    """The memory model of this run (the figures ``aser plan`` prints for it); local: the
+    driver started its own Ray, and its preview timed this CPU's matmuls; lockstep: the
+    layers go one at a time (``memory.fit``)."""
     shape = ModelShape.from_checkpoint(plan.config_dict, plan.index)
     text_bytes = 0
     if config.calib.source is not None:
         fs, path = storage.resolve(config.calib.source)
         text_bytes = int(fs.size(path) or 0)
     return estimate(shape, config.calib.num_samples, config.calib.seq_len, res.num_workers, res.gpus_per_worker,
-                    res.reconstruct_gpus, config.method.rank, config.method.num_outliers, MAX_INFLIGHT_LAYERS,
-                    text_bytes, needs_gram(config.method))
+                    res.reconstruct_gpus, config.method.rank, config.method.num_outliers,
+                    0 if lockstep else MAX_INFLIGHT_LAYERS,
+                    text_bytes, needs_gram(config.method), rate_probe=local)
 
 
 def fit_memory(cost: RunCost, nodes: list[dict[str, Any]]) -> Fit:
@@ -578,10 +581,11 @@ def _run_held(
         config = dataclasses.replace(config, workers=resources.workers_config())
         if existing is not None:
             manifest.check_compatible(existing, config, plan.fingerprint, calib_sha)
-        cost = plan_cost(plan, config, resources)
+        cost = plan_cost(plan, config, resources, local)
         fitted = fit_memory(cost, ray.nodes())
         if fitted.lockstep:
             print(f"[aser] memory: {fitted.note}", file=sys.stderr)
+            cost = plan_cost(plan, config, resources, local, lockstep=True)  # what the manifest records
         memory = fitted.memory
         mf = existing or manifest.new_manifest(config, plan.fingerprint, calib_sha)
         mf.summary["calibration"] = calib_desc
@@ -606,7 +610,7 @@ def _run_held(
                lambda _i: bar.update(1), kill_after, kill_worker, resources, memory, fitted.lockstep)
     mf.summary["plan"] = {p.kind: {"count": p.count, "peak_host_bytes": p.peak_host_bytes,
                                    "private_host_bytes": p.private_host_bytes, "peak_gpu_bytes": p.peak_gpu_bytes,
-                                   "phase": p.phase} for p in cost.processes}
+                                   "phase": p.phase, "phases": p.phases} for p in cost.processes}
     mf.summary["lockstep"] = fitted.lockstep
     ctx.overhead_s["ray_init"] = ray_init_s
     ctx.starts = list(mf.summary.get("starts", []))

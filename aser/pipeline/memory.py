@@ -36,12 +36,23 @@ RECONSTRUCT_NK_BUFFERS = 2
 # Terms that are pages of Ray's object store a process maps (part of its RSS, paid for by the
 # object store, not by the memory Ray is asked to reserve for the process).
 SHARED_TERMS = frozenset({"layer_shared", "stats_serialized", "layer_read", "weights_out", "gram_part",
-                          "weight_shared", "layer_stored"})
+                          "weight_shared", "layer_stored", "stats_previous_layers"})
 # The driver's tokenizer (a fast BPE tokenizer: +50 MB for SmolLM2's 49,152 entries, measured)
-# and the transient cost of tokenizing the calibration text (+91 MB for WikiText-2's 1.3 MB test
-# split, measured: Python and Rust objects per token).
+# and the transient cost of tokenizing the calibration text, the tokenizer's per-byte alignments
+# and per-token encodings (peak RSS over WikiText-2's 1.3 MB test split, measured: SmolLM2's
+# tokenizer 128 MiB for 305k tokens, 104 B per text byte; stories260K's 512-entry one 189 MiB
+# for 815k tokens, 153 B per byte; the larger, as the token count is not known before).
 TOKENIZER_BYTES_PER_ENTRY = 1000
-TOKENIZE_BYTES_PER_TEXT_BYTE = 70
+TOKENIZE_BYTES_PER_TEXT_BYTE = 155
+# The matrix sizes ``plan_cmd.cpu_profile`` times (a local run's preview measures this CPU's
+# matmul rates in the driver): per dtype, two float32 random sources, the two operands in the
+# dtype and their product; measured: +65 MiB of a fresh driver's RSS, 18 of them BLAS code paged in.
+RATE_PROBE_SIZES = {torch.bfloat16: 256, torch.float32: 1536, torch.float64: 1024}
+RATE_PROBE_CODE_BYTES = 18 * 2**20
+
+
+def rate_probe_bytes() -> int:
+    return RATE_PROBE_CODE_BYTES + sum(n * n * (2 * 4 + 3 * dt.itemsize) for dt, n in RATE_PROBE_SIZES.items())
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,9 @@ class ProcessCost:
     private_host_bytes: int = 0
     idle_host_bytes: int = 0
     phase: str = ""  # which phase of the process the peak is in
+    # Peak RSS of each phase: a worker process that ran only some of its kind's tasks (a writer
+    # that copied the embedding but wrote no layer) is predicted by the phases it ran.
+    phases: dict[str, int] = field(default_factory=dict)
 
 
 def _phased(kind: str, count: int, phases: dict[str, dict[str, int]], gpu_terms: dict[str, int] | None = None,
@@ -142,7 +156,7 @@ def _phased(kind: str, count: int, phases: dict[str, dict[str, int]], gpu_terms:
     private = max(sum(v for k, v in t.items() if k not in SHARED_TERMS) for t in phases.values())
     gpu = dict(gpu_terms or {})
     return ProcessCost(kind, count, sum(terms.values()), sum(gpu.values()), {**terms, **gpu}, private,
-                       idle or private, phase)
+                       idle or private, phase, {name: sum(t.values()) for name, t in phases.items()})
 
 
 @dataclass
@@ -163,10 +177,13 @@ class RunCost:
 def estimate(
     shape: ModelShape, num_samples: int, seq_len: int, num_workers: int, gpus_per_worker: float,
     reconstruct_gpus: float, rank: int, num_outliers: int, inflight_layers: int = 2, calib_text_bytes: int = 0,
-    search: bool = False,
+    search: bool = False, rate_probe: bool = False,
 ) -> RunCost:
     """Peak memory of each process kind, bytes moved and FLOPs of a run (see the module doc).
-    search: the smoothing searches a grid (``reconstruct.needs_gram``: it then reads the Grams)."""
+    inflight_layers: layers whose tasks may run beside the actors' next forward; 0: lockstep
+    (``fit``), one layer's tasks at a time, none beside a forward.
+    search: the smoothing searches a grid (``reconstruct.needs_gram``: it then reads the Grams).
+    rate_probe: the driver times this CPU's matmuls (a local run's preview)."""
     H, I, T = shape.hidden, shape.intermediate, seq_len
     on_gpu = gpus_per_worker > 0
     # workers.calibration.compute_dtype: 16-bit checkpoints run in float32 on a CPU.
@@ -189,20 +206,26 @@ def estimate(
     # return (the layer built is gone; the statistics are moved to the host and written into
     # the object store, the Grams as arrays: ``stats.split_parts``).
     received = {"layer_shared": shape.layer_bytes, "layer_received": shape.layer_bytes}
+    # With layers overlapped, the statistics an actor returned for the layers still in flight lie
+    # in the object store while it works on the next: pages it wrote, counted in its RSS
+    # (shared; measured: 2 layers at hidden 2048, the actor's RSS 0.5 GiB above its forward's
+    # terms, one layer's statistics; in lockstep they are freed first).
+    behind = min(inflight_layers, shape.num_layers - 1)
+    previous = {"stats_previous_layers": behind * stats64} if behind > 0 else {}
     start = {"embedding": 2 * shape.embedding_bytes}
     fwd_dev = {"layer_built": layer_compute, "stats_fp64": stats64, "stats_fp32_batch": stats32,
                "forward_batch": forward, "hidden_states": hidden}
     if on_gpu:
         ctx = {**base, "cuda_context": CUDA_CONTEXT_HOST_BYTES}
         calib = _phased("calibration", num_workers, {
-            "start": {**ctx, **start}, "forward": {**ctx, **received},
-            "return": {**ctx, **received, "stats_on_host": stats64, "stats_serialized": stats64}},
+            "start": {**ctx, **start}, "forward": {**ctx, **received, **previous},
+            "return": {**ctx, **received, **previous, "stats_on_host": stats64, "stats_serialized": stats64}},
             {"cuda_context_gpu": CUDA_CONTEXT_GPU_BYTES, **fwd_dev}, BASE_PROCESS_BYTES + CUDA_CONTEXT_HOST_BYTES)
     else:
         calib = _phased("calibration", num_workers, {
             "start": {**base, **start, "hidden_states": hidden},
-            "forward": {**base, **received, **fwd_dev},
-            "return": {**base, **received, "stats_fp64": stats64, "stats_serialized": stats64,
+            "forward": {**base, **received, **previous, **fwd_dev},
+            "return": {**base, **received, **previous, "stats_fp64": stats64, "stats_serialized": stats64,
                        "hidden_states": hidden}},
             idle=BASE_PROCESS_BYTES + hidden)
 
@@ -218,7 +241,8 @@ def estimate(
                     "weights_out": shape.layer_bytes, "weight_pickled": largest_weight}
     if search:
         smooth_terms |= {"grams": 8 * shape.gram_elements, "gram_part": 8 * max(k * k for _, k in shape.groups)}
-    smooth = _phased("smooth", inflight_layers, {"smooth": smooth_terms})
+    per_layer = max(1, inflight_layers)  # layers whose tasks run at once
+    smooth = _phased("smooth", per_layer, {"smooth": smooth_terms})
 
     big = max(shape.linears, key=lambda lin: (lin.in_features ** 2 + RECONSTRUCT_NK_BUFFERS * lin.out_features
                                                * lin.in_features))
@@ -229,7 +253,7 @@ def estimate(
     rec_dev = {"gram": 8 * K * K, "nk_float64": RECONSTRUCT_NK_BUFFERS * 8 * N * K}
     rec_host = {**base, "weight": shape.dtype_bytes * N * K, "weight_shared": shape.dtype_bytes * N * K,
                 "gram_part": 8 * K * K}
-    rec_tasks = len(shape.linears) * inflight_layers
+    rec_tasks = len(shape.linears) * per_layer
     if reconstruct_gpus > 0:
         rec = _phased("reconstruct", rec_tasks, {"reconstruct": {**rec_host, "cuda_context": CUDA_CONTEXT_HOST_BYTES}},
                       {"cuda_context_gpu": CUDA_CONTEXT_GPU_BYTES, **rec_dev, "weight_on_gpu": shape.dtype_bytes * N * K})
@@ -239,10 +263,10 @@ def estimate(
     r_total = rank + num_outliers
     adapter_layer = sum((lin.out_features + lin.in_features) * r_total for lin in shape.linears) * shape.dtype_bytes
     codes = shape.layer_params  # int8 codes (w4a8) on disk: one byte per weight
-    # The embedding and head stages are copied by the same kind of task: read bytes, tensor,
-    # serialized shard.
-    write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer,
-                   "stage_copy": 3 * shape.embedding_bytes}
+    # The embedding and head stages are copied by the same kind of task, in a phase of its own
+    # (``copy_stage_task``): read bytes, tensor, serialized shard.
+    write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer}
+    copy_terms = {"stage_copy": 3 * shape.embedding_bytes}
     # The layer's read (``load_layer_task``, which asks for a writer's memory): the bytes read
     # (one range per shard), the tensors decoded from them and the float32 copy the finiteness
     # check makes of the largest; then the tensors pickled (in-band) into the object store.
@@ -251,7 +275,8 @@ def estimate(
                   "finite_check": 5 * largest_tensor}
     return_terms = {"layer_tensors": shape.layer_bytes, "layer_pickled": shape.layer_bytes,
                     "layer_stored": shape.layer_bytes}
-    writer = _phased("writer", inflight_layers, {"write": {**base, **write_terms}, "read_layer": {**base, **read_terms},
+    writer = _phased("writer", per_layer, {"write": {**base, **write_terms}, "copy": {**base, **copy_terms},
+                                                 "read_layer": {**base, **read_terms},
                                                  "return_layer": {**base, **return_terms}})
     # Finalize streams the merged adapter layer by layer (``export._write_adapter``): one stage's
     # part, read whole (the bytes read and the tensors), and the padded copy of its largest tensor.
@@ -260,7 +285,8 @@ def estimate(
     finalize = _phased("finalize", 1, {"finalize": {**base, **fin_terms}})
     driver_terms = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
                     "calibration_text": TOKENIZE_BYTES_PER_TEXT_BYTE * calib_text_bytes,
-                    "tokens": 8 * num_samples * seq_len}
+                    "tokens": 8 * num_samples * seq_len,
+                    "rate_probe": rate_probe_bytes() if rate_probe else 0}
     driver = _phased("driver", 1, {"run": {**base, **driver_terms}})
 
     L = shape.num_layers

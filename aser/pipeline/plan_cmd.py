@@ -20,7 +20,7 @@ from typing import Any
 from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint import storage
 from aser.pipeline.config import WorkersConfig
-from aser.pipeline.memory import ModelShape, RunCost, estimate, fit
+from aser.pipeline.memory import RATE_PROBE_SIZES, ModelShape, RunCost, estimate, fit
 from aser.pipeline.resources import ResourceError, resolve_resources
 
 
@@ -90,8 +90,9 @@ def cpu_profile() -> DeviceProfile:
     mem = int(_available_memory() * (1 - RAY_OBJECT_STORE_SHARE))
     return DeviceProfile(
         "cpu", gpus_per_node=0, gpu_memory_bytes=0, host_memory_bytes=mem, cpus_per_node=os.cpu_count() or 1,
-        bf16_flops=_matmul_rate(torch.bfloat16, 256), fp32_flops=_matmul_rate(torch.float32, 1536),
-        fp64_flops=_matmul_rate(torch.float64, 1024), storage_read_bytes_s=1e9,
+        bf16_flops=_matmul_rate(torch.bfloat16, RATE_PROBE_SIZES[torch.bfloat16]),
+        fp32_flops=_matmul_rate(torch.float32, RATE_PROBE_SIZES[torch.float32]),
+        fp64_flops=_matmul_rate(torch.float64, RATE_PROBE_SIZES[torch.float64]), storage_read_bytes_s=1e9,
         source=f"measured on this machine (torch matmul, {torch.get_num_threads()} threads); local disk 1 GB/s assumed",
     )
 
@@ -127,6 +128,11 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
                             [float(profile.cpus_per_node)] * nodes)
     cost = estimate(shape, num_samples, seq_len, res.num_workers, res.gpus_per_worker, res.reconstruct_gpus,
                     rank, num_outliers)
+    concurrency = _concurrency(cost, profile, nodes)
+    fits = _fits(cost, res.gpus_per_worker, res.reconstruct_gpus, profile, nodes)
+    if concurrency["lockstep"]:  # the run the driver will make: one layer at a time
+        cost = estimate(shape, num_samples, seq_len, res.num_workers, res.gpus_per_worker, res.reconstruct_gpus,
+                        rank, num_outliers, inflight_layers=0)
     return {
         "model": {"num_layers": shape.num_layers, "hidden": shape.hidden, "intermediate": shape.intermediate,
                   "dtype_bytes": shape.dtype_bytes, "layer_bytes": shape.layer_bytes},
@@ -140,8 +146,8 @@ def make_report(shape: ModelShape, profile: DeviceProfile, nodes: int, workers: 
         "flops": cost.flops,
         "seconds_estimate": _seconds(cost, shape.dtype_bytes, res.num_workers, res.gpus_per_worker,
                                      res.reconstruct_gpus, profile, nodes),
-        "fits": _fits(cost, res.gpus_per_worker, res.reconstruct_gpus, profile, nodes),
-        "concurrency": _concurrency(cost, profile, nodes),
+        "fits": fits,
+        "concurrency": concurrency,
         "assumptions": {"efficiency": EFFICIENCY, "profile": profile.__dict__,
                         "overlap": "none assumed: the stages' times are added (an upper bound; the pipeline "
                                    "overlaps reading, forward, reconstruction and writing)"},

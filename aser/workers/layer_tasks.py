@@ -288,7 +288,7 @@ def copy_stage_task(
         bytes_read=nbytes,
         bytes_written=sum(f.size_bytes for f in files.values()),
         seconds={"copy": time.perf_counter() - t0},
-        processes=[process_info("write")],
+        processes=[process_info("copy")],
         source_sha256=sha,
     )
 

@@ -84,6 +84,9 @@ def test_manifest_metrics_and_finished_dest_left_alone(reference_dest: str, path
     assert extra["adapter_bits"] == sum(8 * t.numel() * t.element_size() for t in adapter.values())
     assert extra["extra_bits_per_weight"] == pytest.approx(extra["adapter_bits"] / extra["quantized_weights"])
     assert "driver" in roles and "calibration" in roles
+    # The embedding and head copies are a role of their own: the memory model prices them apart.
+    copies = [p for p in mf["summary"]["processes"] if "copy" in p["role"].split("+")]
+    assert copies and mf["summary"]["plan"]["writer"]["phases"]["copy"] > 0
     # The run's time split, printed by `aser quantize` after the per-layer table.
     split = driver.summary_table(manifest.load_manifest(dest)).splitlines()[-1 - len(mf["summary"]["processes"]):]
     assert split[0].startswith("seconds per stage, summed over layers: ")

@@ -91,6 +91,24 @@ def test_cost_terms_on_a_known_shape(tmp_path: Path) -> None:
     # The object store holds each worker's statistics until the layer's tasks are done.
     assert cost.object_store_bytes_per_layer - memory.estimate(shape, 16, 128, 1, 0.0, 0.0, 32, 8) \
         .object_store_bytes_per_layer == stats64
+    # Overlapped, the statistics of the layers still in flight are the actor's pages during its
+    # next forward (shared: not reserved); in lockstep they are freed first.
+    behind = min(2, shape.num_layers - 1)
+    assert behind > 0 and k["calibration"].terms["stats_previous_layers"] == behind * stats64
+    lockstep = memory.estimate(shape, 16, 128, 2, 0.0, 0.0, 32, 8, inflight_layers=0).by_kind()
+    assert "stats_previous_layers" not in lockstep["calibration"].terms
+    assert k["calibration"].peak_host_bytes - lockstep["calibration"].peak_host_bytes == behind * stats64
+    assert lockstep["calibration"].private_host_bytes == k["calibration"].private_host_bytes
+    assert lockstep["reconstruct"].count == len(shape.linears) and lockstep["smooth"].count == 1
+    # A writer's phases: the embedding/head copy, a layer's write, its read; the peak is the
+    # largest, and each phase is priced on its own (a process that only copied is not a layer's).
+    w = k["writer"]
+    assert set(w.phases) == {"write", "copy", "read_layer", "return_layer"}
+    assert w.peak_host_bytes == max(w.phases.values()) == w.phases[w.phase]
+    assert w.phases["copy"] == memory.BASE_PROCESS_BYTES + 3 * shape.embedding_bytes
+    # The driver of a local run times this CPU's matmuls in its preview: counted then only.
+    probed = memory.estimate(shape, 16, 128, 2, 0.0, 0.0, 32, 8, rate_probe=True).by_kind()["driver"]
+    assert probed.peak_host_bytes - k["driver"].peak_host_bytes == memory.rate_probe_bytes() > 60 * 2**20
 
 
 def test_gpu_placement_moves_the_terms_to_the_gpu(tmp_path: Path) -> None:
@@ -210,4 +228,5 @@ def test_a_gpu_worker_still_holds_its_statistics_on_the_host(tmp_path: Path) -> 
     assert calib.phase == "return" and stats64 == calib.terms["stats_serialized"]
     assert calib.peak_host_bytes >= memory.BASE_PROCESS_BYTES + memory.CUDA_CONTEXT_HOST_BYTES + 2 * stats64
     # The serialized copy is in the object store: Ray is asked for the rest.
-    assert calib.private_host_bytes == calib.peak_host_bytes - stats64 - calib.terms["layer_shared"]
+    assert calib.private_host_bytes == calib.peak_host_bytes - stats64 - calib.terms["layer_shared"] \
+        - calib.terms["stats_previous_layers"]
