@@ -214,10 +214,20 @@ def _decode(info: TensorInfo, data: bytes | bytearray | memoryview) -> torch.Ten
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
 
 
+# Elements per block of the finiteness check: its float32 copy and mask stay this small (a whole
+# Llama-3-70B gate_proj checked at once was a 0.9 GiB copy and a 0.2 GiB mask).
+FINITE_CHECK_BLOCK = 1 << 22
+
+
 def _check_finite(info: TensorInfo, t: torch.Tensor, url: str) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.float()).all()):
-        bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
-        raise SafetensorsError(f"tensor {info.name} in {storage.redact(url)} contains {bad} values")
+    if not t.is_floating_point() or not t.numel():
+        return
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), FINITE_CHECK_BLOCK):
+        block = flat[i : i + FINITE_CHECK_BLOCK].float()  # every float dtype, float8 included
+        if not bool(torch.isfinite(block).all()):
+            bad = "NaN" if bool(torch.isnan(block).any()) else "Inf"
+            raise SafetensorsError(f"tensor {info.name} in {storage.redact(url)} contains {bad} values")
 
 
 def read_tensors(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from aser.checkpoint.layers import meta_layer
+from aser.checkpoint.safetensors_io import FINITE_CHECK_BLOCK
 from aser.workers.arch import FOLD_ROW_BLOCK, groups_for
 from aser.workers.calibration import FORWARD_BATCH_SIZE, hf_config
 from aser.workers.stats import GRAM_BLOCK, gram_multiply_adds
@@ -201,11 +202,11 @@ def estimate(
     base = {"base": BASE_PROCESS_BYTES}
     # A calibration actor in three phases: embedding its shard (the embedding read on the host:
     # raw bytes, then the tensor); collect's forward (the layer from the object store: its
-    # stored bytes mapped and, torch tensors being pickled in-band, the tensors' own copy; built
-    # in the compute dtype on the worker's device, the statistics accumulating there); collect's
+    # stored bytes mapped and viewed in place, ``transport.SharedTensors``; built in the compute
+    # dtype on the worker's device, the statistics accumulating there); collect's
     # return (the layer built is gone; the statistics are moved to the host and written into
     # the object store, the Grams as arrays: ``stats.split_parts``).
-    received = {"layer_shared": shape.layer_bytes, "layer_received": shape.layer_bytes}
+    received = {"layer_shared": shape.layer_bytes}
     # With layers overlapped, the statistics an actor returned for the layers still in flight lie
     # in the object store while it works on the next: pages it wrote, counted in its RSS
     # (shared; measured: 2 layers at hidden 2048, the actor's RSS 0.5 GiB above its forward's
@@ -230,13 +231,13 @@ def estimate(
             idle=BASE_PROCESS_BYTES + hidden)
 
     # Smoothing reads the channel statistics only (a few K floats per group): the layer (its
-    # stored bytes mapped, and its tensors), its folded copy (computed a block of rows at a
+    # stored bytes mapped and viewed in place), its folded copy (computed a block of rows at a
     # time: ``arch.FOLD_ROW_BLOCK``), and the folded weights it returns (written into the object
     # store one by one, each pickled in-band first). With a search grid it also sums every
     # group's Gram parts (``reconstruct.needs_gram``).
     largest_weight = max(lin.out_features * lin.in_features for lin in shape.linears) * shape.dtype_bytes
     fold_block = 2 * 8 * FOLD_ROW_BLOCK * max(max(lin.in_features, lin.out_features) for lin in shape.linears)
-    smooth_terms = {**base, "layer_read": shape.layer_bytes, "layer_received": shape.layer_bytes,
+    smooth_terms = {**base, "layer_read": shape.layer_bytes,
                     "layer_folded": shape.layer_bytes, "fold_rows_float64": fold_block,
                     "weights_out": shape.layer_bytes, "weight_pickled": largest_weight}
     if search:
@@ -268,13 +269,13 @@ def estimate(
     write_terms = {"codes": codes, "fp_tensors": shape.layer_bytes, "adapter_part": adapter_layer}
     copy_terms = {"stage_copy": 3 * shape.embedding_bytes}
     # The layer's read (``load_layer_task``, which asks for a writer's memory): the bytes read
-    # (one range per shard), the tensors decoded from them and the float32 copy the finiteness
-    # check makes of the largest; then the tensors pickled (in-band) into the object store.
+    # (one range per shard), the tensors decoded from them and the finiteness check's block (a
+    # float32 copy and its mask); then the tensors' bytes written into the object store (out of
+    # band: ``transport.SharedTensors``).
     largest_tensor = max(lin.out_features * lin.in_features for lin in shape.linears)
     read_terms = {"layer_raw": shape.layer_bytes, "layer_tensors": shape.layer_bytes,
-                  "finite_check": 5 * largest_tensor}
-    return_terms = {"layer_tensors": shape.layer_bytes, "layer_pickled": shape.layer_bytes,
-                    "layer_stored": shape.layer_bytes}
+                  "finite_check": 5 * min(largest_tensor, FINITE_CHECK_BLOCK)}
+    return_terms = {"layer_tensors": shape.layer_bytes, "layer_stored": shape.layer_bytes}
     writer = _phased("writer", per_layer, {"write": {**base, **write_terms}, "copy": {**base, **copy_terms},
                                                  "read_layer": {**base, **read_terms},
                                                  "return_layer": {**base, **return_terms}})

@@ -27,6 +27,7 @@ from transformers import AutoConfig, PretrainedConfig
 from aser.checkpoint import layers as layer_io
 from aser.checkpoint import state as run_state
 from aser.checkpoint import safetensors_io as sio
+from aser.checkpoint.transport import SharedTensors, as_tensors
 from aser.workers.arch import groups_for
 from aser.workers.device import device_info, worker_device
 from aser.workers.qlinear import install_quantized
@@ -178,7 +179,7 @@ class CalibrationWorker:
     # ------------------------------------------------------------ per layer
 
     def _load(
-        self, layer_idx: int, tensors: Mapping[str, torch.Tensor] | None = None
+        self, layer_idx: int, tensors: SharedTensors | Mapping[str, torch.Tensor] | None = None
     ) -> tuple[torch.nn.Module, int, str | None]:
         """Decoder layer ``layer_idx`` on this worker's device: from ``tensors`` (relative names;
         the run's one read of the layer, shared through the object store) or read from storage
@@ -187,7 +188,9 @@ class CalibrationWorker:
         nbytes, sha = 0, None
         if tensors is None:
             tensors, nbytes, sha = read_layer(self.source, self.config, layer_idx)
-        layer = layer_io.build_layer(self.config, layer_idx, dict(tensors))
+        # Shared: views of the object store's bytes (read-only; the layer's parameters alias
+        # them where the compute dtype is the stored one, and the forward only reads them).
+        layer = layer_io.build_layer(self.config, layer_idx, as_tensors(tensors))
         del tensors
         return layer.to(self.device, self.compute_dtype), nbytes, sha
 
@@ -215,12 +218,12 @@ class CalibrationWorker:
 
     @torch.no_grad()
     def collect(
-        self, layer_idx: int, tensors: Mapping[str, torch.Tensor] | None = None
+        self, layer_idx: int, tensors: SharedTensors | Mapping[str, torch.Tensor] | None = None
     ) -> tuple[Any, ...]:
         """Forward the shard through FP layer ``layer_idx`` with statistics hooks.
 
         tensors: the layer's tensors by relative name (``layer_tasks.load_layer_task``'s output,
-        read once for all workers), or None to read them here. Returns this shard's partial
+        read once for all workers, viewed in the object store), or None to read them here. Returns this shard's partial
         statistics as ``stats.split_parts`` lays them out, the channel statistics per group
         first, then what the call did, then one fp64 Gram per group in ``groups_for`` order
         (``collect_outputs`` objects in all, for Ray's ``num_returns``); keeps the FP outputs for

@@ -29,6 +29,7 @@ from aser.checkpoint import layers as layer_io
 from aser.checkpoint import safetensors_io as sio
 from aser.checkpoint.formats import OutputFormat
 from aser.checkpoint.state import FileRecord
+from aser.checkpoint.transport import SharedTensors, as_tensors
 from aser.workers.arch import groups_for
 from aser.workers.calibration import hf_config, process_info, read_layer
 from aser.workers.device import worker_device
@@ -90,23 +91,23 @@ LOAD_LAYER_OUTPUTS = 5
 
 def load_layer_task(source_url: str, config_dict: Mapping[str, Any], layer_idx: int) -> tuple[Any, ...]:
     """Read decoder layer ``layer_idx`` from storage once for the whole run: returns (tensors
-    by relative name, bytes read, seconds, content hash of the bytes read, this process) as five
-    objects (``LOAD_LAYER_OUTPUTS``). The driver hands the tensors' object to every calibration
-    worker and to the smoothing task; Ray keeps one copy per node in its object store and moves
-    it between nodes once per node, so a layer costs one storage read however many workers there
-    are. (Each reader still deserializes its own copy of the tensors: torch tensors are pickled
-    in-band.)"""
+    by relative name as ``transport.SharedTensors``, bytes read, seconds, content hash of the
+    bytes read, this process) as five objects (``LOAD_LAYER_OUTPUTS``). The driver hands the
+    tensors' object to every calibration worker and to the smoothing task; Ray keeps one copy per
+    node in its object store and moves it between nodes once per node, so a layer costs one
+    storage read however many workers there are, and each reader views the store's bytes instead
+    of deserializing a copy of its own."""
     torch.set_num_threads(TASK_THREADS)
     t0 = time.perf_counter()
     tensors, nbytes, sha = read_layer(sio.open_source(source_url), hf_config(config_dict), layer_idx)
-    return tensors, nbytes, time.perf_counter() - t0, sha, process_info("read")
+    return SharedTensors.of(tensors), nbytes, time.perf_counter() - t0, sha, process_info("read")
 
 
 def smooth_task(
     config_dict: Mapping[str, Any],
     layer_idx: int,
     method: MethodConfig,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: SharedTensors | Mapping[str, torch.Tensor],
     nbytes: int,
     read_s: float,
     source_sha256: str,
@@ -139,7 +140,7 @@ def smooth_task(
             stats[g.name] = GroupStats.of(G, channels[g.name])
     t1 = time.perf_counter()
     t2 = time.perf_counter()
-    sm = smooth_layer(dict(tensors), stats, method, config)
+    sm = smooth_layer(as_tensors(tensors), stats, method, config)
     t3 = time.perf_counter()
     linears = [lin for g in groups for lin in g.linears]
     quantized = {f"{lin}.weight" for lin in linears}

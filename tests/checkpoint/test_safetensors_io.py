@@ -166,6 +166,20 @@ def test_nan_weight_is_named(tmp_path: Path) -> None:
         sio.read_tensors(src, ["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_finiteness_check_goes_by_blocks_and_sees_the_last(tmp_path: Path, monkeypatch, dtype) -> None:
+    """Blocks of a few elements: an Inf in the last, partial block is still found (and a clean
+    tensor of several blocks passes)."""
+    monkeypatch.setattr(sio, "FINITE_CHECK_BLOCK", 4)
+    w = torch.ones(3, 5, dtype=dtype)
+    w[2, 4] = float("inf")
+    save_file({"bad": w, "ok": torch.ones(3, 5, dtype=dtype)}, str(tmp_path / sio.SINGLE_NAME))
+    src = sio.open_source(str(tmp_path))
+    assert torch.equal(sio.read_tensors(src, ["ok"])["ok"], torch.ones(3, 5, dtype=dtype))
+    with pytest.raises(sio.SafetensorsError, match=r"^tensor bad in .* contains Inf values$"):
+        sio.read_tensors(src, ["bad"])
+
+
 def test_write_shard_is_deterministic_and_readable(tmp_path: Path) -> None:
     t = _tensors()
     shuffled = dict(reversed(list(t.items())))
