@@ -21,6 +21,14 @@ import numpy as np
 import torch
 
 
+def array_view(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor on ``a``'s memory, no copy, read-only arrays included (Ray's are)."""
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark a tensor read-only; its callers only read them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 @dataclass(frozen=True)
 class SharedTensors:
     """Named tensors as raw bytes (``of``), back as torch views of them (``tensors``)."""
@@ -41,14 +49,11 @@ class SharedTensors:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Each tensor, viewing the bytes this object holds (read-only where Ray handed them out)."""
         out = {}
-        with warnings.catch_warnings():
-            # torch warns that it cannot mark a tensor read-only; nothing here writes into them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for name, a in self.arrays.items():
-                if a.size == 0:  # no bytes to view (torch cannot reinterpret an empty buffer)
-                    out[name] = torch.empty(self.shapes[name], dtype=self.dtypes[name])
-                    continue
-                out[name] = torch.from_numpy(a).view(self.dtypes[name]).view(self.shapes[name])
+        for name, a in self.arrays.items():
+            if a.size == 0:  # no bytes to view (torch cannot reinterpret an empty buffer)
+                out[name] = torch.empty(self.shapes[name], dtype=self.dtypes[name])
+                continue
+            out[name] = array_view(a).view(self.dtypes[name]).view(self.shapes[name])
         return out
 
     @property

@@ -9,7 +9,6 @@ bounded by one batch's sum, not by the whole calibration set.
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aser.checkpoint.transport import array_view
 from aser.workers.arch import LinearGroup
 
 
@@ -83,7 +83,7 @@ class GroupStats:
     @property
     def mean_abs(self) -> torch.Tensor:
         """(K,) float64 mean |x_j| over tokens."""
-        return self.abs_sum / max(self.num_tokens, 1)
+        return self.channels.mean_abs
 
     def to(self, device: torch.device | str) -> GroupStats:
         return GroupStats(self.gram.to(device), self.absmax.to(device), self.abs_sum.to(device), self.num_tokens)
@@ -132,11 +132,7 @@ def split_parts(part: Mapping[str, GroupStats], names: Sequence[str]) -> tuple[A
 
 def _as_tensor(part: Any) -> torch.Tensor:
     """A Gram part as a tensor without a copy (Ray's arrays are read-only; they are only read)."""
-    if isinstance(part, torch.Tensor):
-        return part
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(np.asarray(part))
+    return part if isinstance(part, torch.Tensor) else array_view(np.asarray(part))
 
 
 def reduce_grams_into(out: torch.Tensor, parts: Iterable[Any], m: torch.Tensor | None = None) -> torch.Tensor:
